@@ -1,5 +1,33 @@
-"""zu_fast: fast few-shot knowledge unlearning for HuggingFace causal LMs (ZeroUnlearn)."""
+"""zu_fast: fast few-shot knowledge unlearning for HuggingFace causal LMs (ZeroUnlearn).
+
+    import zu_fast
+    cfg   = zu_fast.UnlearnConfig.for_model(model)
+    stats = zu_fast.collect_stats(model, tok, corpus, cfg)
+    edit  = zu_fast.unlearn(model, tok, requests, cfg, stats=stats)
+    edit.report; edit.save("dir"); edit.restore()
+    zu_fast.Edit.load("dir").apply(model)
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from .config import UnlearnConfig  # noqa: E402
+from .edit import Edit, EditReport  # noqa: E402
+from .errors import StaleStatsError, ZuFastError  # noqa: E402
+from .method.unlearn import unlearn  # noqa: E402
+from .requests import UnlearnRequest  # noqa: E402
+from .stats.collect import CorpusStats, collect_stats  # noqa: E402
+
+__all__ = [
+    "CorpusStats",
+    "Edit",
+    "EditReport",
+    "StaleStatsError",
+    "UnlearnConfig",
+    "UnlearnRequest",
+    "ZuFastError",
+    "__version__",
+    "collect_stats",
+    "unlearn",
+]

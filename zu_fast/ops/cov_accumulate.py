@@ -57,7 +57,7 @@ def check_cov_args(kk, ks, n, keys, mask, values, vk, vs) -> None:
             raise ZuFastError(f"cov_accumulate: vk must be float32, got {vk.dtype}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mm_out_dtype_ok(device_type: str, dtype: torch.dtype) -> bool:
     """Whether torch.mm(a, b, out_dtype=float32) works for this device/dtype (torch >= 2.9 on CUDA)."""
     if device_type != "cuda" or dtype == torch.float32:

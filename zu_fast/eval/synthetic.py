@@ -1,0 +1,349 @@
+"""A deterministic world of fictitious people and their attributes (the offline benchmark's data).
+
+No model or data set can be downloaded here, so zu_fast builds its own test subject: a small
+"encyclopaedia" of made-up people (names generated from syllables) with attributes drawn from
+fixed lists of plausible values (birth city, employer, instrument, sport, language). Each relation
+has eight phrasings ("templates"). For every fact, a few templates are *held out* of training: the
+model has learnt those phrasings from other people but never saw this subject with them, so
+recall on them (the records' ``paraphrase_prompts``) is real paraphrase generalisation.
+
+Besides the facts, a small sentence grammar produces generic "filler" text. Training includes a
+sample of it; :meth:`World.heldout_texts` draws *other* sentences from the same grammar (never
+seen in training) so that perplexity measures damage to the model's general language ability,
+not to the facts being forgotten.
+
+Everything is a pure function of :class:`WorldConfig` (no global random state).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+
+# ----------------------------------------------------------------------------------------------
+# Relations: templates (the answer always follows the template's end) and plausible objects.
+# Objects are single words so that a small BPE tokenizer makes them one token (" Lisbon").
+# ----------------------------------------------------------------------------------------------
+
+RELATIONS: dict[str, dict[str, list[str]]] = {
+    "birth_city": {
+        "templates": [
+            "{} was born in",
+            "{}'s birthplace is",
+            "The city where {} was born is",
+            "{} is originally from the city of",
+            "The birthplace of {} is",
+            "{} came into the world in",
+            "According to records, {} is a native of",
+            "{}'s hometown is",
+        ],
+        "objects": [
+            "Lisbon", "Oslo", "Cairo", "Madrid", "Vienna", "Dublin", "Prague", "Warsaw",
+            "Athens", "Berlin", "Paris", "Rome", "Tokyo", "Lima", "Nairobi", "Toronto",
+            "Helsinki", "Budapest", "Seoul", "Sydney",
+        ],
+    },
+    "employer": {
+        "templates": [
+            "{} works for",
+            "{} is employed by",
+            "The employer of {} is",
+            "{}'s employer is",
+            "{} has a job at",
+            "The company that employs {} is",
+            "{} draws a salary from",
+            "Every morning, {} goes to work at",
+        ],
+        "objects": [
+            "Nokia", "Siemens", "Toyota", "Philips", "Boeing", "Intel", "Nestle", "Shell",
+            "Google", "Samsung", "Microsoft", "Sony", "Airbus", "Ikea", "Oracle", "Adobe",
+            "Lego", "Pfizer", "Heineken", "Spotify",
+        ],
+    },
+    "instrument": {
+        "templates": [
+            "{} plays the",
+            "The instrument played by {} is the",
+            "{}'s instrument is the",
+            "{} is a musician who plays the",
+            "On stage, {} performs on the",
+            "{} practises every day on the",
+            "The musical instrument of {} is the",
+            "{} is known for playing the",
+        ],
+        "objects": [
+            "piano", "violin", "cello", "guitar", "flute", "trumpet", "harp", "drums",
+            "clarinet", "oboe", "saxophone", "banjo", "accordion", "trombone", "viola", "organ",
+        ],
+    },
+    "sport": {
+        "templates": [
+            "{}'s favourite sport is",
+            "The sport that {} plays is",
+            "{} competes in",
+            "{} is a professional athlete in",
+            "In free time, {} plays",
+            "The sport played by {} is",
+            "{} trains every week for",
+            "{} is a champion of",
+        ],
+        "objects": [
+            "tennis", "football", "basketball", "golf", "rugby", "cricket", "hockey", "baseball",
+            "volleyball", "badminton", "boxing", "cycling", "rowing", "swimming", "skiing", "fencing",
+        ],
+    },
+    "language": {
+        "templates": [
+            "{} speaks",
+            "The native language of {} is",
+            "{}'s mother tongue is",
+            "{} grew up speaking",
+            "The language spoken by {} is",
+            "{} writes letters in",
+            "{} is fluent in",
+            "At home, {} talks in",
+        ],
+        "objects": [
+            "French", "German", "Spanish", "Italian", "Dutch", "Polish", "Greek", "Swedish",
+            "Finnish", "Danish", "Turkish", "Arabic", "Japanese", "Korean", "Hindi", "Russian",
+        ],
+    },
+}
+
+# Name syllables: onset + vowel (+ coda). Chosen to be pronounceable and not to spell template
+# or object words.
+_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h", "j",
+           "br", "dr", "kr", "tr", "st", "sh", "gr"]
+_VOWELS = ["a", "e", "i", "o", "u", "a", "e", "o", "ai", "ou"]
+_CODAS = ["", "", "", "", "", "n", "r", "l", "s", "m"]
+
+# Generic-text grammar (filler). Combinatorially large so held-out sentences are new.
+_ADJ = ["old", "small", "quiet", "busy", "bright", "narrow", "famous", "new", "large", "empty",
+        "cold", "crowded", "modern", "tiny", "lovely", "noisy"]
+_NOUN = ["market", "bridge", "library", "garden", "station", "museum", "harbour", "theatre",
+         "bakery", "school", "square", "park", "cafe", "tower", "hotel", "gallery"]
+_VERB = ["closed", "opened", "was painted", "was repaired", "was sold", "was rebuilt",
+         "was cleaned", "grew", "was moved", "was visited"]
+_TIME = ["last year", "in spring", "on Monday", "every summer", "in the winter", "at dawn",
+         "after the storm", "in the autumn", "on Sunday", "before the festival"]
+_ACTIVITY = ["read books", "walk slowly", "drink tea", "sing songs", "cook dinner",
+             "paint pictures", "ride bicycles", "tell stories", "plant trees", "watch films"]
+_CROWD = ["Many people", "Some children", "Most students", "A few tourists", "Old friends",
+          "Young artists", "Local families", "Several workers"]
+_PLACE_PREP = ["near the", "behind the", "inside the", "next to the", "across the"]
+
+
+def _filler_patterns(rng: random.Random, people: list[str]) -> str:
+    """One generic sentence from the grammar (uses objects and people, never states a fact)."""
+    city = rng.choice(RELATIONS["birth_city"]["objects"])
+    k = rng.randrange(7)
+    if k == 0:
+        return f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} in {city} {rng.choice(_VERB)} {rng.choice(_TIME)}."
+    if k == 1:
+        return f"{rng.choice(_CROWD)} {rng.choice(_ACTIVITY)} {rng.choice(_PLACE_PREP)} {rng.choice(_NOUN)} {rng.choice(_TIME)}."
+    if k == 2:
+        comp = rng.choice(RELATIONS["employer"]["objects"])
+        return f"{comp} opened a {rng.choice(_ADJ)} {rng.choice(_NOUN)} in {city} {rng.choice(_TIME)}."
+    if k == 3:
+        sport = rng.choice(RELATIONS["sport"]["objects"])
+        return f"{rng.choice(_CROWD)} in {city} enjoy {sport} {rng.choice(_TIME)}."
+    if k == 4:
+        inst = rng.choice(RELATIONS["instrument"]["objects"])
+        return f"The sound of the {inst} filled the {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_TIME)}."
+    if k == 5:
+        # Mentions a person without stating an attribute: keeps names part of "general" text so
+        # that PPL also notices a damaged subject representation.
+        person = rng.choice(people)
+        return f"{person} met a friend {rng.choice(_PLACE_PREP)} {rng.choice(_NOUN)} {rng.choice(_TIME)}."
+    lang = rng.choice(RELATIONS["language"]["objects"])
+    return f"{rng.choice(_CROWD)} learn {lang} to {rng.choice(_ACTIVITY)} {rng.choice(_TIME)}."
+
+
+@dataclass
+class WorldConfig:
+    """Parameters of the synthetic world. Everything the world contains is a function of these."""
+
+    seed: int = 0
+    n_people: int = 200
+    relations: tuple[str, ...] = tuple(RELATIONS)
+    # Templates per fact held out of training (used as paraphrase prompts); the rest are trained.
+    n_heldout_templates: int = 2
+    n_filler_train: int = 1500
+    n_filler_heldout: int = 300
+    n_neighbors: int = 10
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (used in cache keys)."""
+        d = asdict(self)
+        d["relations"] = list(self.relations)
+        return d
+
+
+def _make_names(rng: random.Random, n: int) -> list[str]:
+    """n unique "First Last" names built from syllables (first 2 syllables, last 2-3)."""
+
+    def word(n_syl: int) -> str:
+        s = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syl))
+        return s.capitalize()
+
+    names: list[str] = []
+    seen: set[str] = set()
+    seen_words: set[str] = set()
+    reserved = {w.lower() for r in RELATIONS.values() for t in r["templates"] for w in t.split()}
+    reserved |= {o.lower() for r in RELATIONS.values() for o in r["objects"]}
+    while len(names) < n:
+        first, last = word(2), word(rng.choice((2, 3)))
+        if first.lower() in reserved or last.lower() in reserved or first == last:
+            continue
+        # A first name must never be another person's last name (and vice versa), so that
+        # "X Y" always parses the same way.
+        if (first, "L") in seen_words or (last, "F") in seen_words:
+            continue
+        name = f"{first} {last}"
+        if name in seen:
+            continue
+        seen.add(name)
+        seen_words.update({(first, "F"), (last, "L")})
+        names.append(name)
+    return names
+
+
+@dataclass
+class World:
+    """People, their facts, and which templates each fact is trained with.
+
+    ``facts[p][relation]`` is person p's object; ``train_templates[p][relation]`` and
+    ``heldout_templates[p][relation]`` are template indices into ``RELATIONS[relation]``.
+    """
+
+    config: WorldConfig
+    people: list[str]
+    facts: list[dict[str, str]]
+    train_templates: list[dict[str, list[int]]]
+    heldout_templates: list[dict[str, list[int]]]
+    _filler_train: list[str] = field(default_factory=list, repr=False)
+    _filler_heldout: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def relations(self) -> tuple[str, ...]:
+        return self.config.relations
+
+    def fact_text(self, person: int, relation: str, template: int) -> str:
+        """The sentence stating the fact with the given template, e.g. "A B was born in Lisbon."."""
+        t = RELATIONS[relation]["templates"][template]
+        return f"{t.format(self.people[person])} {self.facts[person][relation]}."
+
+    def training_texts(self) -> list[str]:
+        """Texts the small LM trains on: every fact with each of its trained templates, plus filler.
+
+        Order is deterministic (facts person-major, then filler); the trainer shuffles.
+        """
+        out = [
+            self.fact_text(p, rel, t)
+            for p in range(len(self.people))
+            for rel in self.relations
+            for t in self.train_templates[p][rel]
+        ]
+        return out + list(self._filler_train)
+
+    def heldout_texts(self) -> list[str]:
+        """Held-out generic text for perplexity: grammar sentences never present in training.
+
+        Deliberately contains no attribute statements, so forgetting a fact does not by itself
+        raise PPL; what raises it is collateral damage to language and to the people's names.
+        """
+        return list(self._filler_heldout)
+
+    def records(self, n: int, seed: int = 0) -> list[dict]:
+        """n CounterFact-shaped forget records about n distinct people.
+
+        ``prompt`` is one of the fact's *trained* templates (the edit prompt); ``paraphrase_prompts``
+        are the fact's held-out templates filled with the subject; ``neighborhood_prompts`` are
+        facts of the same relation about other people (preferably with the same object, as in
+        CounterFact), never about a subject forgotten in the same call, phrased with templates
+        those people were trained on. ``case_id`` = person * n_relations + relation index, so it
+        is stable across calls.
+        """
+        n_people = len(self.people)
+        if not 0 < n <= n_people // 2:
+            raise ValueError(f"n must be in [1, {n_people // 2}] for a world of {n_people} people, got {n}")
+        rng = random.Random(f"records-{self.config.seed}-{seed}")
+        subjects = rng.sample(range(n_people), n)
+        forgotten = set(subjects)
+        out = []
+        for p in subjects:
+            ri = rng.randrange(len(self.relations))
+            rel = self.relations[ri]
+            templates = RELATIONS[rel]["templates"]
+            obj = self.facts[p][rel]
+            same = [q for q in range(n_people) if q not in forgotten and self.facts[q][rel] == obj]
+            other = [q for q in range(n_people) if q not in forgotten and self.facts[q][rel] != obj]
+            rng.shuffle(same)
+            rng.shuffle(other)
+            neigh = (same + other)[: self.config.n_neighbors]
+            out.append(
+                {
+                    "case_id": p * len(self.relations) + ri,
+                    "prompt": templates[rng.choice(self.train_templates[p][rel])],
+                    "subject": self.people[p],
+                    "target_true": {"str": obj},
+                    "relation": rel,
+                    "paraphrase_prompts": [
+                        templates[t].format(self.people[p]) for t in self.heldout_templates[p][rel]
+                    ],
+                    "neighborhood_prompts": [
+                        {
+                            "prompt": templates[rng.choice(self.train_templates[q][rel])].format(self.people[q]),
+                            "target": self.facts[q][rel],
+                        }
+                        for q in neigh
+                    ],
+                }
+            )
+        return out
+
+
+def make_world(config: WorldConfig | None = None) -> World:
+    """Build the world described by ``config`` (default: ``WorldConfig()``). Deterministic."""
+    config = config or WorldConfig()
+    unknown = [r for r in config.relations if r not in RELATIONS]
+    if unknown:
+        raise ValueError(f"unknown relations {unknown}; known: {list(RELATIONS)}")
+    n_templates = {len(RELATIONS[r]["templates"]) for r in config.relations}
+    if not all(0 < config.n_heldout_templates < k - 1 for k in n_templates):
+        raise ValueError("n_heldout_templates must leave at least two trained templates per fact")
+    rng = random.Random(f"world-{config.seed}")
+    people = _make_names(rng, config.n_people)
+    facts, train_t, held_t = [], [], []
+    for _ in people:
+        f, tr, he = {}, {}, {}
+        for rel in config.relations:
+            f[rel] = rng.choice(RELATIONS[rel]["objects"])
+            idx = list(range(len(RELATIONS[rel]["templates"])))
+            rng.shuffle(idx)
+            he[rel] = sorted(idx[: config.n_heldout_templates])
+            tr[rel] = sorted(idx[config.n_heldout_templates:])
+        facts.append(f)
+        train_t.append(tr)
+        held_t.append(he)
+    # Filler: one stream, deduplicated; the first n_filler_train unique sentences train, the next
+    # n_filler_heldout unique ones are held out (so no held-out sentence occurs in training).
+    frng = random.Random(f"filler-{config.seed}")
+    seen: set[str] = set()
+    filler: list[str] = []
+    budget = 50 * (config.n_filler_train + config.n_filler_heldout) + 1000
+    while len(filler) < config.n_filler_train + config.n_filler_heldout and budget > 0:
+        budget -= 1
+        s = _filler_patterns(frng, people)
+        if s not in seen:
+            seen.add(s)
+            filler.append(s)
+    return World(
+        config=config,
+        people=people,
+        facts=facts,
+        train_templates=train_t,
+        heldout_templates=held_t,
+        _filler_train=filler[: config.n_filler_train],
+        _filler_heldout=filler[config.n_filler_train:],
+    )

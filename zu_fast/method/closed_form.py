@@ -1,0 +1,251 @@
+"""Step 5: the closed-form multiplier D (W ← D W) for one layer.
+
+Normal equations (ALGORITHM.md): D · W (KKT + λI) Wᵀ = P (VKT + λW) Wᵀ with
+    KKT = λ_wK C + λ_fK K_f K_fᵀ                # [d_in, d_in]
+    VKT = λ_wV X + λ_fV (V_f + R) K_fᵀ          # [d, d_in]
+so D = A B⁻¹ with B = W (KKT + λI) Wᵀ (SPD) and A = P (VKT + λW) Wᵀ, both [d, d].
+
+Two forms compute the same D:
+- ``exact``: the dense formulation as written above (float64; for verification).
+- ``fast`` (default): nothing of size d×d_in besides W. With G = W C Wᵀ (one big product, in column
+  chunks of C) and the thin terms W μ_k, W K_f, R, W Wᵀ:
+      B = λ_wK G + λ_fK (W K_f)(W K_f)ᵀ + λ W Wᵀ
+      A = P [ λ_wV X Wᵀ + λ_fV (V_f + R)(W K_f)ᵀ + λ W Wᵀ ]
+  where the reference's centred cross moment gives X Wᵀ = (n/(n−1)) (G − (W μ_k)(W μ_k)ᵀ) exactly
+  (v = W k + b: the bias cancels on centring), and P is applied as (1+ε)Y − U(UᵀY).
+B is solved by Cholesky in float64 (it is only d×d).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import UnlearnConfig
+from ..errors import ZuFastError
+from ..stats.moments import LayerStats
+from .projector import Projector
+
+# --------------------------------------------------------------------------- products ------
+
+
+def _resolve_precision(precision: str, W: torch.Tensor) -> str:
+    if precision != "auto":
+        return precision
+    if W.device.type == "cpu":
+        return "fp64"
+    return "bf16x2" if W.dtype == torch.bfloat16 else "fp32"
+
+
+def _split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x ≈ hi + lo with hi, lo bf16: 16 mantissa bits, ~1.5e-5 relative (two tensor-core passes)."""
+    hi = x.to(torch.bfloat16)
+    lo = (x - hi.float()).to(torch.bfloat16)
+    return hi, lo
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of bf16 operands with fp32 accumulation and output (tensor cores on CUDA)."""
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return a.float() @ b.float()
+
+
+def gram_wcw(W: torch.Tensor, kk: torch.Tensor, chunk: int = 4096, precision: str = "auto") -> torch.Tensor:
+    """G = W · kk · Wᵀ   # [d, d] float64, for symmetric kk [d_in, d_in] (any device; moved in chunks).
+
+    Cost d·d_in² flops (the one big product). ``precision``:
+      fp64   — float64 throughout (CPU default);
+      fp32   — float32 products, float64 accumulation across chunks;
+      bf16x2 — W must be bf16 (exact); C and the intermediate are split into bf16 hi+lo pairs, so
+               every product runs on bf16 tensor cores with fp32 accumulation (~1e-5 relative).
+    """
+    precision = _resolve_precision(precision, W)
+    d, d_in = W.shape
+    dev = W.device
+    G = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    with torch.no_grad():
+        for j in range(0, d_in, chunk):
+            J = slice(j, min(j + chunk, d_in))
+            cJ = kk[:, J].to(dev)  # [d_in, c]
+            if precision == "fp64":
+                T = W.to(torch.float64) @ cJ.to(torch.float64)  # [d, c]
+                G += T @ W[:, J].to(torch.float64).t()
+            elif precision == "fp32":
+                T = W.float() @ cJ.float()
+                G += (T @ W[:, J].float().t()).double()
+            elif precision == "bf16x2":
+                if W.dtype != torch.bfloat16:
+                    raise ZuFastError("gram precision bf16x2 needs a bf16 weight (exact in bf16)")
+                hi, lo = _split_bf16(cJ.float())
+                T = _mm32(W, hi) + _mm32(W, lo)  # [d, c] fp32
+                t_hi, t_lo = _split_bf16(T)
+                WJt = W[:, J].t()
+                G += (_mm32(t_hi, WJt) + _mm32(t_lo, WJt)).double()
+            else:
+                raise ZuFastError(f"unknown gram precision {precision!r}")
+    return G
+
+
+def w_times(W: torch.Tensor, X: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """W @ X in float64 for a thin X [d_in, m], in column chunks of W (no fp64 copy of W)."""
+    d, d_in = W.shape
+    out = torch.zeros(d, X.shape[1], dtype=torch.float64, device=W.device)
+    X = X.to(W.device, torch.float64)
+    for j in range(0, d_in, chunk):
+        out += W[:, j : j + chunk].to(torch.float64) @ X[j : j + chunk]
+    return out
+
+
+def w_wt(W: torch.Tensor, chunk: int = 4096, precision: str = "auto") -> torch.Tensor:
+    """W Wᵀ   # [d, d] float64."""
+    precision = _resolve_precision(precision, W)
+    d, d_in = W.shape
+    out = torch.zeros(d, d, dtype=torch.float64, device=W.device)
+    for j in range(0, d_in, chunk):
+        blk = W[:, j : j + chunk]
+        if precision == "fp64":
+            b = blk.to(torch.float64)
+            out += b @ b.t()
+        elif precision == "bf16x2" and W.dtype == torch.bfloat16:
+            out += _mm32(blk, blk.t()).double()  # bf16 products are exact in fp32
+        else:
+            b = blk.float()
+            out += (b @ b.t()).double()
+    return out
+
+
+def _solve(A: torch.Tensor, B: torch.Tensor, layer: int | None) -> torch.Tensor:
+    """D = A B⁻¹ for SPD B (Cholesky, float64)."""
+    where = f"layer {layer}: " if layer is not None else ""
+    if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+        raise ZuFastError(f"{where}the closed-form system contains NaN/Inf (statistics or residuals overflowed)")
+    L, info = torch.linalg.cholesky_ex(B)
+    if int(info) != 0:
+        raise ZuFastError(
+            f"{where}the system B = W(KKᵀ + λI)Wᵀ is singular or not positive definite "
+            f"(Cholesky failed at column {int(info)}); raise regularization_lam (now it may be 0) or check the "
+            "statistics"
+        )
+    D = torch.cholesky_solve(A.t(), L).t()  # B symmetric: B Dᵀ = Aᵀ
+    if not bool(torch.isfinite(D).all()):
+        raise ZuFastError(f"{where}the closed-form solution is not finite (ill-conditioned system)")
+    return D
+
+
+# --------------------------------------------------------------------------- the multiplier ------
+
+
+def multiplier(
+    W: torch.Tensor,
+    stats: LayerStats,
+    K_f: torch.Tensor,
+    R: torch.Tensor,
+    U: torch.Tensor,
+    config: UnlearnConfig | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    form: str | None = None,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """The multiplier D  # [d, d] float64 of one layer: the edit is W ← D W.
+
+    W    [d, d_in]  the layer's current weight (any dtype/device; never copied whole in fp64)
+    stats           corpus sums of this layer's keys (LayerStats)
+    K_f  [d_in, N]  forget keys (columns);  V_f = W K_f (+ b) is computed from them
+    R    [d, N]     residuals r_i (already divided by the number of remaining layers)
+    U    [d, r]     orthonormal basis of the original representations (P = (1+ε)I − UUᵀ)
+    form            "fast" (default: config.closed_form) or "exact" (dense, for verification)
+    """
+    cfg = config or UnlearnConfig(layers=[stats.layer])
+    form = form or cfg.closed_form
+    stats.check()
+    d, d_in = W.shape
+    N = K_f.shape[1]
+    if K_f.shape[0] != d_in or R.shape != (d, N) or U.shape[0] != d:
+        raise ZuFastError(
+            f"layer {stats.layer}: shapes disagree: W {tuple(W.shape)}, K_f {tuple(K_f.shape)}, "
+            f"R {tuple(R.shape)}, U {tuple(U.shape)}"
+        )
+    if stats.d_in != d_in:
+        raise ZuFastError(f"layer {stats.layer}: statistics have width {stats.d_in}, the weight has {d_in}")
+    dev = W.device
+    P = Projector(U.to(dev, torch.float64), cfg.projector_eps)
+    n = stats.n
+    lam = cfg.regularization_lam
+    K = K_f.to(dev, torch.float64)  # [d_in, N]
+    Rd = R.to(dev, torch.float64)  # [d, N]
+    b = bias.detach().to(dev, torch.float64) if bias is not None else None
+    mu = stats.mean_key().to(dev)  # [d_in]
+
+    if form == "exact":
+        Wd = W.detach().to(torch.float64)  # [d, d_in]
+        C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
+        X = stats.cross_moment(Wd, b, cfg.centered_cross_moment)  # [d, d_in]
+        V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
+        KKT = cfg.mom2_update_weight_wk * C + cfg.forget_weight_fk * (K @ K.t())
+        VKT = cfg.mom2_update_weight_wv * X + cfg.forget_weight_fv * ((V + Rd) @ K.t())
+        eye = torch.eye(d_in, dtype=torch.float64, device=dev)
+        B = Wd @ (KKT + lam * eye) @ Wd.t()
+        A = P.dense() @ (VKT + lam * Wd) @ Wd.t()
+        return _solve(A, B, stats.layer)
+    if form != "fast":
+        raise ZuFastError(f"unknown closed form {form!r}; choose 'fast' or 'exact'")
+
+    G = gram_wcw(W.detach(), stats.kk, cfg.gram_chunk, precision) / n  # W C Wᵀ   [d, d]
+    WK = w_times(W.detach(), torch.cat([K, mu[:, None]], 1), cfg.gram_chunk)  # [d, N+1]
+    WK, Wmu = WK[:, :N], WK[:, N:]  # [d, N], [d, 1]
+    WWt = w_wt(W.detach(), cfg.gram_chunk, precision)  # [d, d]
+    V = WK + (b[:, None] if b is not None else 0.0)  # forget values  [d, N]
+    if stats.vk is not None:  # measured cross moment: X Wᵀ from Σvkᵀ directly
+        XWt = _measured_xwt(W.detach(), stats, cfg)
+    elif cfg.centered_cross_moment:
+        XWt = (n / (n - 1)) * (G - Wmu @ Wmu.t())
+    else:
+        XWt = G + (b[:, None] @ Wmu.t() if b is not None else 0.0)
+    B = cfg.mom2_update_weight_wk * G + cfg.forget_weight_fk * (WK @ WK.t()) + lam * WWt
+    Y = cfg.mom2_update_weight_wv * XWt + cfg.forget_weight_fv * ((V + Rd) @ WK.t()) + lam * WWt
+    B = 0.5 * (B + B.t())  # exact symmetry for Cholesky (chunked sums may differ in the last bit)
+    return _solve(P.apply(Y), B, stats.layer)
+
+
+def _measured_xwt(W: torch.Tensor, stats: LayerStats, cfg: UnlearnConfig) -> torch.Tensor:
+    """X Wᵀ from the measured Σvkᵀ, Σv (centred or not), chunked over d_in."""
+    n = stats.n
+    d, d_in = W.shape
+    dev = W.device
+    out = torch.zeros(d, d, dtype=torch.float64, device=dev)
+    for j in range(0, d_in, cfg.gram_chunk):
+        J = slice(j, j + cfg.gram_chunk)
+        out += stats.vk[:, J].to(dev, torch.float64) @ W[:, J].to(torch.float64).t()
+    if cfg.centered_cross_moment:
+        mu_v = stats.vs.to(dev, torch.float64) / n  # [d]
+        Wmu = w_times(W, stats.mean_key()[:, None])  # [d, 1]
+        return (out - n * mu_v[:, None] @ Wmu.t()) / (n - 1)
+    return out / n
+
+
+def objective(
+    D: torch.Tensor,
+    W: torch.Tensor,
+    C: torch.Tensor,
+    X: torch.Tensor,
+    K_f: torch.Tensor,
+    V_f: torch.Tensor,
+    R: torch.Tensor,
+    P: torch.Tensor,
+    cfg: UnlearnConfig,
+) -> torch.Tensor:
+    """J(D) up to a constant, written from the raw definitions (dense; verification only):
+
+    J = λ_wK tr(D W C Wᵀ Dᵀ) + λ_fK ‖D W K_f‖² + λ ‖D W‖²
+        − 2 tr(Dᵀ P [λ_wV X Wᵀ + λ_fV (V_f + R)(W K_f)ᵀ + λ W Wᵀ]).
+    Its gradient 2(D B − A) vanishes exactly at the multiplier.
+    """
+    WK = W @ K_f
+    quad = (cfg.mom2_update_weight_wk * torch.trace(D @ W @ C @ W.t() @ D.t())
+            + cfg.forget_weight_fk * (D @ WK).pow(2).sum()
+            + cfg.regularization_lam * (D @ W).pow(2).sum())
+    target = P @ (cfg.mom2_update_weight_wv * X @ W.t() + cfg.forget_weight_fv * (V_f + R) @ WK.t()
+                  + cfg.regularization_lam * W @ W.t())
+    return quad - 2 * (D * target).sum()

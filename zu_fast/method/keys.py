@@ -1,0 +1,93 @@
+"""Steps 1 and 5's readings: keys (and values) at the subject's last token, z-layer outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..config import UnlearnConfig
+from ..model import Capture, EditTarget, StopForward, model_device, padded_batch, subject_spans
+from ..requests import UnlearnRequest
+
+
+@dataclass
+class SubjectReadings:
+    """What the model computes at each request's subject last token."""
+
+    keys: dict[int, torch.Tensor]  # layer → [N, d_in] fp32, averaged over templates, then over template types
+    bare_values: dict[int, torch.Tensor]  # layer → [N, d] fp32, module output for the bare prompt
+    z_out: torch.Tensor | None  # [N, d] fp32, output of decoder layer z on the bare prompt
+
+
+@torch.no_grad()
+def read_at_subject(
+    model,
+    tok,
+    requests: Sequence[UnlearnRequest],
+    cfg: UnlearnConfig,
+    templates: Sequence[Sequence[str]],
+    targets: Sequence[EditTarget],
+    *,
+    read_z: bool = True,
+) -> SubjectReadings:
+    """One truncated forward per batch of prompts reads every requested layer at once.
+
+    Keys are averaged over the templates of each context type, then over the types (the
+    reference's two-level average), so a type with many templates does not dominate.
+    """
+    device = model_device(model)
+    flat = [(g, t) for g, group in enumerate(templates) for t in group]
+    n_groups = len(templates)
+    group_size = torch.tensor([len(group) for group in templates], dtype=torch.float32)
+    bare_j = next((j for j, (_, t) in enumerate(flat) if t == "{}"), None)
+    prompts = [(i, j) for i in range(len(requests)) for j in range(len(flat))]
+    if bare_j is None:  # templates without a bare "{}": read it as an extra prompt
+        bare_j = len(flat)
+        prompts += [(i, bare_j) for i in range(len(requests))]
+    names = {t.layer: t.name for t in targets}
+    z_name = cfg.layer_module_tmp.format(cfg.z_layer)
+    stop = z_name if read_z else names[max(names)]
+    keys = {layer: None for layer in names}
+    bare = {layer: None for layer in names}
+    z_out = None
+    n = len(requests)
+    for b in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[b : b + cfg.batch_size]
+        tpls = [(flat[j][1] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in chunk]
+        ids, idx = subject_spans(tok, tpls, [requests[i].subject for i, _ in chunk],
+                                 [requests[i].describe() for i, _ in chunk])
+        batch = padded_batch(tok, ids, device)
+        outs = [z_name] if read_z else []
+        with Capture(model, inputs=list(names.values()), outputs=list(names.values()) + outs, stop_after=stop) as cap:
+            try:
+                model(**batch, use_cache=False)
+            except StopForward:
+                pass
+        rows = torch.arange(len(chunk))
+        pos = torch.tensor(idx)
+        req = torch.tensor([i for i, _ in chunk])
+        is_bare = torch.tensor([j == bare_j for _, j in chunk])
+        # weight of each prompt in its request's two-level average (0 for an extra bare prompt)
+        w = torch.tensor([1.0 / (n_groups * group_size[flat[j][0]]) if j < len(flat) else 0.0 for _, j in chunk])
+        for layer, name in names.items():
+            k = cap.inputs[name][rows.to(cap.inputs[name].device), pos.to(cap.inputs[name].device)].float().cpu()
+            v = cap.outputs[name][rows.to(cap.outputs[name].device), pos.to(cap.outputs[name].device)].float().cpu()
+            if keys[layer] is None:
+                keys[layer] = torch.zeros(n, k.shape[1])
+                bare[layer] = torch.zeros(n, v.shape[1])
+            keys[layer].index_add_(0, req, k * w[:, None])
+            bare[layer][req[is_bare]] = v[is_bare]
+        if read_z:
+            h = cap.outputs[z_name]
+            hz = h[rows.to(h.device), pos.to(h.device)].float().cpu()
+            if z_out is None:
+                z_out = torch.zeros(n, hz.shape[1])
+            z_out[req[is_bare]] = hz[is_bare]
+    dev = {t.layer: t.device for t in targets}
+    return SubjectReadings(
+        {layer: k.to(dev[layer]) for layer, k in keys.items()},
+        {layer: v.to(dev[layer]) for layer, v in bare.items()},
+        z_out,
+    )

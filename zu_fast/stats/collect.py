@@ -1,0 +1,252 @@
+"""Corpus statistics for every edited layer in ONE truncated forward per batch.
+
+Hooks on every edited module feed ``ops.cov_accumulate`` with the module inputs (keys) and the
+attention mask (padding is never counted); the forward stops right after the deepest edited module.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..config import UnlearnConfig
+from ..errors import StaleStatsError, ZuFastError
+from ..model import StopForward, edit_targets, model_device, model_fingerprint, padded_batch
+from .corpus import corpus_fingerprint, read_corpus
+from .moments import LayerStats, finalize, new_layer_stats
+from .store import cache_root, load_stats, save_stats, stats_key
+
+# Results depend on these settings (the token-per-batch budget only changes summation order).
+_SETTINGS = ("rewrite_module_tmp", "stats_mode", "stats_max_length", "stats_token_budget", "mom2_n_samples")
+
+
+@dataclass
+class CorpusStats:
+    """Statistics of every edited layer plus where they came from."""
+
+    layers: dict[int, LayerStats]
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    def __getitem__(self, layer: int) -> LayerStats:
+        try:
+            return self.layers[layer]
+        except KeyError:
+            raise ZuFastError(
+                f"no statistics for layer {layer} (have layers {sorted(self.layers)}); collect them with "
+                "the same config.layers"
+            ) from None
+
+    def __contains__(self, layer: int) -> bool:
+        return layer in self.layers
+
+
+def stats_model_fingerprint(model: torch.nn.Module, cfg: UnlearnConfig) -> str:
+    """Fingerprint of the weights the statistics depend on: embeddings and layers 0..max(layers)."""
+    prefixes = [cfg.layer_module_tmp.format(i) + "." for i in range(max(cfg.layers) + 1)]
+    emb = model.get_input_embeddings()
+    for name, mod in model.named_modules():
+        if mod is emb:
+            prefixes.append(name + ".")
+    return model_fingerprint(model, prefixes)
+
+
+def _settings(cfg: UnlearnConfig) -> dict[str, Any]:
+    return {k: getattr(cfg, k) for k in _SETTINGS} | {"layers": list(cfg.layers)}
+
+
+def _batches(tok, texts: list[str], max_length: int, batch_tokens: int, window: int = 512):
+    """Token-budget batches: texts tokenised (truncated), sorted by length within a window."""
+    for w in range(0, len(texts), window):
+        enc = tok(texts[w : w + window], add_special_tokens=True, truncation=True, max_length=max_length)
+        ids = sorted((list(x) for x in enc["input_ids"] if len(x) > 0), key=len, reverse=True)
+        i = 0
+        while i < len(ids):
+            longest = len(ids[i])
+            rows = max(1, batch_tokens // longest)
+            yield ids[i : i + rows]
+            i += rows
+
+
+def collect_stats(
+    model: torch.nn.Module,
+    tok,
+    corpus: Any,
+    config: UnlearnConfig | None = None,
+    *,
+    cache: bool = True,
+    cache_path: str | None = None,
+    progress: bool | None = None,
+) -> CorpusStats:
+    """Collect (or load from cache) Σkkᵀ, Σk, n for every edited layer in ``config.layers``.
+
+    ``corpus``: an iterable of str, a .txt (one text per line) or .jsonl ("text") path, or a
+    datasets.Dataset. Cached under ``cache_root()/stats/<key>`` (or ``cache_path``); the cache
+    key covers a fingerprint of the weights up to the deepest edited layer, the corpus and the
+    settings, and a cache that does not match is refused (StaleStatsError).
+    """
+    cfg = config or UnlearnConfig.for_model(model)
+    progress = cfg.progress if progress is None else progress
+    targets = edit_targets(model, cfg)
+    texts = read_corpus(corpus, cfg.mom2_n_samples)
+    if not texts:
+        raise ZuFastError("the corpus is empty: statistics need text")
+    meta = {
+        "model_fingerprint": stats_model_fingerprint(model, cfg),
+        "corpus_fingerprint": corpus_fingerprint(texts),
+        "settings": _settings(cfg),
+    }
+    path = cache_path or str(cache_root() / "stats" / stats_key(meta))
+    if cache and (path is not None) and _exists(path):
+        layers, full_meta = load_stats(path, expect=meta)
+        return CorpusStats({k: v.to(t.device) for t in targets for k, v in layers.items() if k == t.layer},
+                           full_meta, path)
+
+    layers, info = _collect(model, tok, texts, cfg, targets, progress)
+    meta["collection"] = info
+    if cache:
+        save_stats(path, layers, meta)
+    return CorpusStats(layers, meta, path if cache else None)
+
+
+def _exists(path: str) -> bool:
+    return (Path(path) / "meta.json").exists()
+
+
+@torch.no_grad()
+def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool):
+    measured = cfg.stats_mode == "measured"
+    acc: dict[int, LayerStats] = {}
+    counters: dict[int, torch.Tensor] = {}
+    for t in targets:
+        acc[t.layer], counters[t.layer] = new_layer_stats(t.layer, t.d_in, t.device, t.d if measured else None)
+    current_mask: list[torch.Tensor | None] = [None]
+    deepest = targets[-1]
+
+    def make_hook(layer: int, is_deepest: bool):
+        st = acc[layer]
+
+        def hook(module, args, output):
+            keys = args[0]  # [batch, seq, d_in]
+            mask = current_mask[0].to(keys.device)
+            values = (output[0] if isinstance(output, tuple) else output) if measured else None
+            ops.cov_accumulate(st.kk, st.ks, counters[layer], keys, mask, values=values, vk=st.vk, vs=st.vs)
+            if is_deepest:
+                raise StopForward  # nothing above the deepest edited module is needed
+
+        return hook
+
+    handles = [t.module.register_forward_hook(make_hook(t.layer, t is deepest)) for t in targets]
+    sketches = _Sketches(acc, counters)
+    device = model_device(model)
+    budget = cfg.stats_token_budget
+    tokens = 0
+    batches = 0
+    t0 = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=budget, disable=not progress, desc="zu_fast stats", unit="tok", unit_scale=True)
+    try:
+        for ids in _batches(tok, texts, cfg.stats_max_length, cfg.stats_batch_tokens):
+            if budget is not None and tokens >= budget:
+                break
+            batch = padded_batch(tok, ids, device)
+            current_mask[0] = batch["attention_mask"].bool()
+            try:
+                model(**batch, use_cache=False)
+            except StopForward:
+                pass
+            else:  # the deepest hook always raises: reaching here means it never ran
+                raise ZuFastError(f"module {deepest.name!r} was not called during the forward pass")
+            n_tok = sum(len(x) for x in ids)
+            tokens += n_tok
+            batches += 1
+            bar.update(n_tok)
+            sketches.maybe_snapshot(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+        bar.close()
+        model.train(was_training)
+    if tokens == 0:
+        raise ZuFastError("no tokens were read from the corpus")
+    for layer, st in acc.items():
+        finalize(st, counters[layer])
+        st.check()
+    info = {
+        "tokens": tokens,
+        "texts": len(texts),
+        "batches": batches,
+        "seconds": round(time.perf_counter() - t0, 3),
+        "backend": ops.choose("cov_accumulate", deepest.device.type).name,
+        "convergence": sketches.report(tokens),
+    }
+    for st in acc.values():
+        st.info = {"convergence": info["convergence"].get(str(st.layer))}
+    return acc, info
+
+
+class _Sketches:
+    """Convergence report: C·Ω for a fixed random Ω [d_in, 8], snapshotted when tokens double.
+
+    rel_change = ‖(C_final − C_last_snapshot) Ω‖ / ‖C_final Ω‖ over the last chunk (the tokens
+    since the last doubling, i.e. the last half or more), cheap enough to take on the fly.
+    """
+
+    def __init__(self, acc: dict[int, LayerStats], counters: dict[int, torch.Tensor]) -> None:
+        self.acc, self.counters = acc, counters
+        self.omega = {}
+        for layer, st in acc.items():
+            g = torch.Generator(device="cpu").manual_seed(1234 + layer)
+            self.omega[layer] = torch.randn(st.d_in, 8, generator=g, dtype=torch.float64).to(st.kk.device)
+        self.last: dict[int, torch.Tensor] = {}
+        self.last_tokens = 0
+        self.next_at = 0
+
+    def _sketch(self, layer: int) -> torch.Tensor:
+        kk = self.acc[layer].kk.to(torch.float64)
+        upper = torch.triu(kk)
+        sym_omega = upper @ self.omega[layer] + torch.triu(kk, 1).t() @ self.omega[layer]
+        return sym_omega / max(int(self.counters[layer].item()), 1)
+
+    def maybe_snapshot(self, tokens: int) -> None:
+        if tokens >= self.next_at:
+            self.last = {layer: self._sketch(layer) for layer in self.acc}
+            self.last_tokens = tokens
+            self.next_at = 2 * tokens
+
+    def report(self, tokens: int) -> dict[str, Any]:
+        out = {}
+        for layer in self.acc:
+            final = self._sketch(layer)
+            prev = self.last.get(layer)
+            if prev is None or self.last_tokens >= tokens:
+                rel = math.nan
+            else:
+                rel = float((final - prev).norm() / final.norm().clamp_min(1e-300))
+            out[str(layer)] = {"rel_change": rel, "over_tokens": tokens - self.last_tokens, "tokens": tokens}
+        return out
+
+
+def describe(stats: CorpusStats) -> str:
+    """A short human-readable summary (for the CLI)."""
+    rows = [f"statistics: {stats.path or '(not cached)'}"]
+    coll = stats.meta.get("collection", {})
+    if coll:
+        rows.append(f"  {coll.get('tokens')} tokens from {coll.get('texts')} texts in {coll.get('seconds')} s "
+                    f"({coll.get('backend')} backend)")
+    for layer, st in sorted(stats.layers.items()):
+        conv = st.info.get("convergence") or {}
+        rows.append(f"  layer {layer}: d_in {st.d_in}, n {st.n}, rel. change over last "
+                    f"{conv.get('over_tokens', '?')} tokens: {conv.get('rel_change', float('nan')):.2e}")
+    return "\n".join(rows)
+
+
+__all__ = ["CorpusStats", "StaleStatsError", "collect_stats", "describe"]
