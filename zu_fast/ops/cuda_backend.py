@@ -1,3 +1,355 @@
-"""CUDA C++ extension backend registration (sources in csrc/)."""
+"""CUDA C++ extension backend registration (sources in csrc/).
+
+The extension is found in this order, once, on first use:
+
+1. ``zu_fast._C`` — prebuilt by ``setup.py`` when installed with ``ZU_FAST_BUILD_CUDA=1``;
+2. a JIT build with ``torch.utils.cpp_extension.load`` (ninja + nvcc) of the csrc/ sources shipped
+   as the package ``zu_fast.csrc`` (or the repository's ``csrc/`` in an editable install),
+   compiled for the GPU in use (sm_90a on Hopper) and cached in torch's extensions directory
+   (``TORCH_EXTENSIONS_DIR``), so only the first process pays for the build (about a minute).
+   ``ZU_FAST_CUDA_JIT=0`` disables it.
+
+Not preferred by default on any device: the kernels have not been measured on a GPU yet, so the
+registry still picks "torch" unless ``ZU_FAST_BACKEND=cuda`` (or ``use_backend("cuda")``) asks for
+them. Add ``prefer_on=("cuda",)`` below, with the benchmark numbers, once they beat the default.
+"""
 
 from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .cov_accumulate import check_cov_args, cov_accumulate_torch
+from .multiplicative_update import check_update_args, multiplicative_update_torch
+from .registry import register_backend
+
+JIT_ENV = "ZU_FAST_CUDA_JIT"
+JIT_NAME = "zu_fast_cuda_ext"
+SOURCES = ("bindings.cpp", "cov_accumulate.cu", "multiplicative_update.cu")
+HEADERS = ("common.cuh", "zu_fast_kernels.h")
+
+_lock = threading.Lock()
+_ext = None
+_ext_origin = ""  # "prebuilt" or "jit"
+_error: str | None = None  # why the extension could not be had (set once tried)
+
+
+# ------------------------------------------------------------------------------ locating things
+def source_dir() -> Path | None:
+    """Directory holding the CUDA C++ sources: the installed zu_fast.csrc, else the repo's csrc/."""
+    candidates = []
+    try:
+        import zu_fast.csrc as pkg  # shipped as package data
+
+        candidates.append(Path(pkg.__file__).resolve().parent)
+    except ImportError:
+        pass
+    candidates.append(Path(__file__).resolve().parents[2] / "csrc")
+    for d in candidates:
+        if all((d / f).is_file() for f in SOURCES + HEADERS):
+            return d
+    return None
+
+
+def find_nvcc() -> str | None:
+    """nvcc from CUDA_HOME/CUDA_PATH, else PATH, else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.is_file() else None
+
+
+def cuda_toolkit_root(nvcc: str | None = None) -> str | None:
+    """The toolkit directory (with include/cuda_runtime.h) of ``nvcc``.
+
+    ``nvcc`` may be a wrapper script (e.g. /usr/local/bin/nvcc), for which torch's guess
+    dirname(dirname(nvcc)) is wrong; nvcc's own dry run names the directory it really lives in.
+    """
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        return None
+    guess = Path(nvcc).resolve().parent.parent
+    if (guess / "include" / "cuda_runtime.h").is_file():
+        return str(guess)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "probe.cu"
+            src.write_text("")
+            out = subprocess.run(
+                [nvcc, "-dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
+                capture_output=True, text=True, timeout=60,
+            )
+        for line in (out.stdout + out.stderr).splitlines():
+            if "_HERE_=" in line:
+                root = Path(line.split("_HERE_=", 1)[1].strip()).resolve().parent
+                if (root / "include" / "cuda_runtime.h").is_file():
+                    return str(root)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def cuda_include_dirs(nvcc: str | None = None) -> list[str]:
+    """Include directories of the CUDA toolkit (for compiling bindings.cpp with the host compiler)."""
+    root = cuda_toolkit_root(nvcc)
+    if root is None:
+        return []
+    dirs = [Path(root) / "include", Path(root) / "targets" / "x86_64-linux" / "include"]
+    return [str(d) for d in dirs if d.is_dir()]
+
+
+def _fix_torch_cuda_home() -> None:
+    """Point torch.utils.cpp_extension at the real toolkit when its guess lacks CUDA's headers."""
+    from torch.utils import cpp_extension
+
+    home = cpp_extension.CUDA_HOME
+    if home and (Path(home) / "include" / "cuda_runtime.h").is_file():
+        return
+    root = cuda_toolkit_root()
+    if root is not None:
+        cpp_extension.CUDA_HOME = root
+        os.environ.setdefault("CUDA_HOME", root)
+
+
+def arch_flags(capability: tuple[int, int]) -> list[str]:
+    """nvcc -gencode flags for one device: sm_90a on Hopper (9.0), sm_XY elsewhere (needs >= 8.0)."""
+    major, minor = capability
+    if (major, minor) == (9, 0):
+        return ["-gencode=arch=compute_90a,code=sm_90a"]
+    return [f"-gencode=arch=compute_{major}{minor},code=sm_{major}{minor}"]
+
+
+# ------------------------------------------------------------------------------ loading
+def _cuda_device_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device (torch.cuda.is_available() is False)"
+    if torch.version.cuda is None:
+        return "torch is not a CUDA build"
+    major, _ = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"needs compute capability >= 8.0 (mma.sync bf16, cp.async); device has {major}.x"
+    return None
+
+
+def _jit_build():
+    from torch.utils import cpp_extension
+
+    src = source_dir()
+    if src is None:
+        raise RuntimeError("CUDA sources (csrc/) not found in the installed package or the repository")
+    if find_nvcc() is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja not found (pip install ninja)")
+    _fix_torch_cuda_home()
+    flags = ["-O3", "-lineinfo", *arch_flags(torch.cuda.get_device_capability())]
+    return cpp_extension.load(
+        name=JIT_NAME,
+        sources=[str(src / f) for f in SOURCES],
+        extra_include_paths=[str(src)],
+        extra_cflags=["-O3"],
+        extra_cuda_cflags=flags,
+        verbose=os.environ.get("ZU_FAST_CUDA_VERBOSE", "") == "1",
+    )
+
+
+def load_extension():
+    """The compiled module (prebuilt zu_fast._C, else a cached JIT build); raises if neither works."""
+    global _ext, _ext_origin, _error
+    if _ext is not None:
+        return _ext
+    with _lock:
+        if _ext is not None:
+            return _ext
+        if _error is not None:
+            raise RuntimeError(_error)
+        problem = _cuda_device_problem()
+        if problem is not None:
+            _error = problem
+            raise RuntimeError(problem)
+        reasons = []
+        try:
+            from zu_fast import _C  # type: ignore[attr-defined]
+
+            _ext, _ext_origin = _C, "prebuilt"
+            return _ext
+        except ImportError as e:
+            reasons.append(f"no prebuilt zu_fast._C ({e})")
+        if os.environ.get(JIT_ENV, "1").strip() == "0":
+            reasons.append(f"JIT build disabled ({JIT_ENV}=0)")
+        else:
+            try:
+                _ext, _ext_origin = _jit_build(), "jit"
+                return _ext
+            except Exception as e:  # a failed build means "not available", never a crash
+                reasons.append(f"JIT build failed: {type(e).__name__}: {str(e).strip()[-2000:]}")
+        _error = "; ".join(reasons)
+        raise RuntimeError(_error)
+
+
+def is_available() -> bool:
+    try:
+        load_extension()
+        return True
+    except Exception:
+        return False
+
+
+def why_unavailable() -> str:
+    if _ext is not None:
+        return ""
+    if _error is None:
+        is_available()
+    return _error or ""
+
+
+def build_status() -> dict:
+    """How the CUDA extension would be obtained here, without building anything (for `zu-fast info`)."""
+    import importlib.util
+
+    from torch.utils import cpp_extension
+
+    nvcc = find_nvcc()
+    src = source_dir()
+    try:
+        prebuilt = importlib.util.find_spec("zu_fast._C") is not None
+    except (ImportError, ValueError):
+        prebuilt = False
+    device_problem = _cuda_device_problem()
+    jit_enabled = os.environ.get(JIT_ENV, "1").strip() != "0"
+    ninja = cpp_extension.is_ninja_available()
+    jit_able = jit_enabled and nvcc is not None and ninja and src is not None and torch.version.cuda is not None
+    if _ext is not None:
+        reason = f"loaded ({_ext_origin})"
+    elif _error is not None:
+        reason = _error
+    elif device_problem is not None:
+        reason = device_problem
+    elif prebuilt:
+        reason = "prebuilt zu_fast._C present (loaded on first use)"
+    elif jit_able:
+        reason = "will JIT-build on first use (about a minute, then cached)"
+    else:
+        missing = [name for name, ok in (("nvcc", nvcc), ("ninja", ninja), ("csrc sources", src),
+                                          ("CUDA build of torch", torch.version.cuda),
+                                          (f"{JIT_ENV}!=0", jit_enabled)) if not ok]
+        reason = "cannot JIT-build: missing " + ", ".join(missing)
+    return {
+        "loaded": _ext is not None,
+        "origin": _ext_origin,
+        "prebuilt": prebuilt,
+        "jit_able": jit_able,
+        "nvcc": nvcc,
+        "cuda_toolkit": cuda_toolkit_root(nvcc) if nvcc else None,
+        "ninja": ninja,
+        "sources": str(src) if src else None,
+        "cuda_device": device_problem is None,
+        "reason": reason,
+    }
+
+
+# ------------------------------------------------------------------------------ the ops
+def cov_accumulate_cuda(kk, ks, n, keys, mask=None, *, values=None, vk=None, vs=None) -> None:
+    """cov_accumulate on the CUDA extension: tensor-core KᵀK (upper tiles), mask applied in-kernel.
+
+    Inputs the kernels do not take (a last dimension with a stride, values of another dtype than
+    keys, accumulators without a unit column stride) go to the plain-PyTorch default.
+    """
+    check_cov_args(kk, ks, n, keys, mask, values, vk, vs)
+    d_ff = keys.shape[-1]
+    k2 = keys.reshape(-1, d_ff)  # a view for hook outputs; copies only if the leading dims can't merge
+    v2 = values.reshape(-1, values.shape[-1]) if values is not None else None
+
+    def unit_col(t):
+        return t.shape[-1] <= 1 or t.stride(-1) == 1
+
+    ok = unit_col(k2) and unit_col(kk) and ks.is_contiguous()
+    if v2 is not None:
+        ok = ok and v2.dtype == k2.dtype and unit_col(v2) and unit_col(vk) and vs.is_contiguous()
+        ok = ok and vs.dtype in (torch.float32, torch.float64)
+    if not ok:
+        cov_accumulate_torch(kk, ks, n, keys, mask, values=values, vk=vk, vs=vs)
+        return
+    m = None
+    if mask is not None:
+        m = mask.reshape(-1)
+        if m.dtype not in (torch.bool, torch.uint8):
+            m = m != 0
+        elif m.dtype == torch.uint8:
+            m = m != 0  # any non-zero byte keeps the row
+        m = m.to(device=keys.device).contiguous()
+    load_extension().cov_accumulate(kk, ks, n, k2, m, v2, vk, vs)
+
+
+def default_chunk_cols(d_in: int) -> int:
+    """Columns per chunk: the staging buffer (W's dtype) stays at or below 1/16 of W."""
+    c = max(1, d_in // 16)
+    if c >= 128:
+        c -= c % 128
+    return c
+
+
+def multiplicative_update_cuda(
+    W: torch.Tensor,
+    D: torch.Tensor,
+    *,
+    chunk_cols: int | None = None,
+    stochastic_rounding: bool = False,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """W ← D W in place on the CUDA extension (one rounding; optional stochastic rounding).
+
+    W needs a unit stride in one of its two dimensions (row- or column-major, e.g. the transpose
+    of a weight); any other W goes to the plain-PyTorch default. ``seed`` (or one drawn from
+    ``generator`` / torch's default generator) drives the counter-based stochastic rounding.
+    """
+    check_update_args(W, D)
+    d, d_in = W.shape
+    if W.numel() == 0:
+        return W
+    if not (W.stride(0) == 1 or W.stride(1) == 1 or d == 1 or d_in == 1):
+        return multiplicative_update_torch(
+            W, D, chunk_cols=chunk_cols, stochastic_rounding=stochastic_rounding, generator=generator
+        )
+    acc = torch.float64 if D.dtype == torch.float64 else torch.float32
+    Dc = D.to(device=W.device, dtype=acc).contiguous()
+    sr = bool(stochastic_rounding) and W.dtype != torch.float32
+    if sr and seed is None:
+        gen_device = generator.device if generator is not None else "cpu"
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
+    chunk = int(chunk_cols) if chunk_cols is not None else default_chunk_cols(d_in)
+    with torch.no_grad():
+        load_extension().multiplicative_update_(W, Dc, chunk, sr, int(seed or 0))
+    return W
+
+
+register_backend(
+    "cov_accumulate",
+    "cuda",
+    cov_accumulate_cuda,
+    device_types=("cuda",),
+    available=is_available,
+    why_unavailable=why_unavailable,
+    # prefer_on=("cuda",) once benchmarks/RESULTS.md shows it beating the torch default on a GPU.
+)
+register_backend(
+    "multiplicative_update_",
+    "cuda",
+    multiplicative_update_cuda,
+    device_types=("cuda",),
+    available=is_available,
+    why_unavailable=why_unavailable,
+    # prefer_on=("cuda",) once measured (see benchmarks/update_table.py).
+)

@@ -57,7 +57,8 @@ _forced: list[str] = []
 
 def define_op(name: str, default: Callable, doc: str = "") -> Op:
     """Create op ``name`` with its plain-PyTorch default (runs on every device)."""
-    op = Op(name=name, doc=doc or (default.__doc__ or "").strip().splitlines()[0])
+    lines = (default.__doc__ or "").strip().splitlines()
+    op = Op(name=name, doc=doc or (lines[0] if lines else ""))
     op.backends[DEFAULT_BACKEND] = Backend(DEFAULT_BACKEND, default, ("*",), lambda: True)
     _OPS[name] = op
     return op

@@ -208,6 +208,8 @@ class _Sketches:
             self.omega[layer] = torch.randn(st.d_in, 8, generator=g, dtype=torch.float64).to(st.kk.device)
         self.last: dict[int, torch.Tensor] = {}
         self.last_tokens = 0
+        self.prev: dict[int, torch.Tensor] = {}  # kept in case the final batch is itself a snapshot
+        self.prev_tokens = 0
         self.next_at = 0
 
     def _sketch(self, layer: int) -> torch.Tensor:
@@ -218,20 +220,19 @@ class _Sketches:
 
     def maybe_snapshot(self, tokens: int) -> None:
         if tokens >= self.next_at:
+            self.prev, self.prev_tokens = self.last, self.last_tokens
             self.last = {layer: self._sketch(layer) for layer in self.acc}
             self.last_tokens = tokens
             self.next_at = 2 * tokens
 
     def report(self, tokens: int) -> dict[str, Any]:
         out = {}
+        snap, snap_tokens = (self.last, self.last_tokens) if self.last_tokens < tokens else (self.prev, self.prev_tokens)
         for layer in self.acc:
             final = self._sketch(layer)
-            prev = self.last.get(layer)
-            if prev is None or self.last_tokens >= tokens:
-                rel = math.nan
-            else:
-                rel = float((final - prev).norm() / final.norm().clamp_min(1e-300))
-            out[str(layer)] = {"rel_change": rel, "over_tokens": tokens - self.last_tokens, "tokens": tokens}
+            prev = snap.get(layer)
+            rel = math.nan if prev is None else float((final - prev).norm() / final.norm().clamp_min(1e-300))
+            out[str(layer)] = {"rel_change": rel, "over_tokens": tokens - snap_tokens, "tokens": tokens}
         return out
 
 

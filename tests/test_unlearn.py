@@ -1,0 +1,185 @@
+"""unlearn() end to end on tiny random models: bad input, restore, save/load/apply, batching."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import zu_fast
+from zu_fast import Edit, UnlearnConfig, UnlearnRequest, ZuFastError
+from zu_fast.method.targets import optimize_deltas
+from zu_fast.model import continuation_ids
+from zu_fast.requests import normalize_requests
+
+from tiny_models import REQUESTS, corpus, gpt2, llama
+
+TEMPLATES = [["{}"], ["Because I. {}", "You. {}"]]
+
+
+def _setup(**kw):
+    model, tok = llama()
+    cfg = UnlearnConfig.for_model(model, **{"layers": [1, 2], "progress": False, "v_num_grad_steps": 4, **kw})
+    stats = zu_fast.collect_stats(model, tok, corpus(40), cfg, cache=False)
+    return model, tok, cfg, stats
+
+
+def _weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, before):
+    return all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_unlearn_changes_weights_and_restore_is_bit_exact():
+    model, tok, cfg, stats = _setup()
+    before = _weights(model)
+    edit = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    assert not _same(model, before)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert sorted(changed) == ["model.layers.1.mlp.down_proj.weight", "model.layers.2.mlp.down_proj.weight"]
+    assert set(edit.report.layers) == {1, 2} and edit.report.timings["solve"] >= 0
+    edit.restore()
+    assert _same(model, before)
+
+
+def test_save_load_apply_reproduces_the_edit_bit_for_bit(tmp_path):
+    model, tok, cfg, stats = _setup()
+    base = copy.deepcopy(model)
+    edit = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    edited = _weights(model)
+    edit.save(tmp_path / "edit")
+    loaded = Edit.load(tmp_path / "edit")
+    assert loaded.layers == [1, 2] and loaded.report.n_requests == 3
+    with pytest.raises(ZuFastError, match="already applied"):
+        Edit.load(tmp_path / "edit").apply(model)
+    base_before = _weights(base)
+    loaded.apply(base)
+    assert _same(base, edited)
+    loaded.restore()
+    assert _same(base, base_before)
+    other, _ = llama(seed=1)
+    with pytest.raises(ZuFastError, match="refusing"):
+        Edit.load(tmp_path / "edit").apply(other)
+
+
+@pytest.mark.parametrize(
+    "requests,match",
+    [
+        ([], "no requests"),
+        ([{"prompt": "was born in", "subject": "Alice Morvan", "target_true": "Lisbon"}], "exactly one"),
+        ([{"prompt": "{} was born in", "subject": "  ", "target_true": "Lisbon"}], "subject is empty"),
+        ([{"prompt": "{} was born in", "subject": "Bob", "target_true": ""}], "target_true"),
+        ([{"prompt": "{} was born in", "subject": "Bob"}], "missing keys"),
+    ],
+)
+def test_bad_requests_raise_and_leave_weights_untouched(requests, match):
+    model, tok, cfg, stats = _setup()
+    before = _weights(model)
+    with pytest.raises(ZuFastError, match=match):
+        zu_fast.unlearn(model, tok, requests, cfg, stats=stats, context_templates=TEMPLATES)
+    assert _same(model, before)
+
+
+def test_subject_not_found_in_prompt():
+    with pytest.raises(ZuFastError, match="not found"):
+        UnlearnRequest.from_text("Alice was born in", "Bob", "Lisbon")
+    r = UnlearnRequest.from_text("Alice {x} was born in", "Alice", "Lisbon")
+    assert r.prompt == "{} {{x}} was born in" and r.text == "Alice {x} was born in"
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"layers": [1, 9]}, "layer 9 out of range"),
+        ({"rewrite_module_tmp": "model.layers.{}.mlp.nothing"}, "not found"),
+        ({"layer_module_tmp": "transformer.h.{}"}, "matched nothing"),
+    ],
+)
+def test_bad_config_raises_and_leaves_weights_untouched(changes, match):
+    model, tok, cfg, stats = _setup()
+    before = _weights(model)
+    with pytest.raises(ZuFastError, match=match):
+        zu_fast.unlearn(model, tok, REQUESTS, cfg.replace(**changes), stats=stats, context_templates=TEMPLATES)
+    assert _same(model, before)
+
+
+def test_failure_in_a_later_layer_rolls_back_the_earlier_ones():
+    model, tok, cfg, stats = _setup(regularization_lam=0.0)
+    stats[2].kk.zero_()  # layer 2's system becomes singular; layer 1 is edited first
+    stats[2].ks.zero_()
+    before = _weights(model)
+    with pytest.raises(ZuFastError, match="layer 2.*singular"):
+        zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    assert _same(model, before)
+
+
+def test_nan_statistics_raise_and_leave_weights_untouched():
+    model, tok, cfg, stats = _setup()
+    stats[1].kk[3, 3] = float("inf")
+    before = _weights(model)
+    with pytest.raises(ZuFastError, match="layer 1.*NaN/Inf"):
+        zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    assert _same(model, before)
+
+
+def test_unlearn_without_statistics_is_an_error():
+    model, tok, cfg, _ = _setup()
+    with pytest.raises(ZuFastError, match="statistics"):
+        zu_fast.unlearn(model, tok, REQUESTS, cfg)
+
+
+def test_batched_targets_equal_separate_runs():
+    model, tok, cfg, _ = _setup()
+    cfg = cfg.replace(v_num_grad_steps=6, v_lr=0.05, v_weight_decay=0.01)
+    reqs = normalize_requests(REQUESTS)
+    eos = [continuation_ids(tok, None)]
+    together = optimize_deltas(model, tok, reqs, cfg, TEMPLATES, 2, eos * 3)
+    for i, r in enumerate(reqs):
+        alone = optimize_deltas(model, tok, [r], cfg, TEMPLATES, 2, eos)
+        assert torch.allclose(together.delta[i], alone.delta[0], rtol=1e-4, atol=1e-6)
+        assert int(together.steps[i]) == int(alone.steps[0])
+
+
+def test_skipping_lower_layers_gives_the_same_optimisation():
+    import zu_fast.method.targets as targets_mod
+
+    model, tok, cfg, _ = _setup()
+    cfg = cfg.replace(v_num_grad_steps=3)
+    reqs = normalize_requests(REQUESTS[:2])
+    eos = [continuation_ids(tok, None)] * 2
+    fast = optimize_deltas(model, tok, reqs, cfg, TEMPLATES, 2, eos)
+    orig = targets_mod.inject_at_layer
+
+    def full(*args, **kw):  # force the fallback: a hook replaces the output, every layer runs
+        args = list(args)
+        args[6] = False
+        return orig(*args, **kw)
+
+    targets_mod.inject_at_layer = full
+    try:
+        slow = optimize_deltas(model, tok, reqs, cfg, TEMPLATES, 2, eos)
+    finally:
+        targets_mod.inject_at_layer = orig
+    assert torch.allclose(fast.delta, slow.delta, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(fast.initial_loss, slow.initial_loss, rtol=1e-5)
+
+
+def test_gpt2_style_model_with_conv1d_and_bias():
+    model, tok = gpt2()
+    cfg = UnlearnConfig.for_model(model, progress=False, v_num_grad_steps=3)
+    stats = zu_fast.collect_stats(model, tok, corpus(30), cfg, cache=False)
+    before = _weights(model)
+    edit = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    assert not _same(model, before)
+    edit.restore()
+    assert _same(model, before)
+
+
+def test_neutral_target_string_and_exact_form():
+    model, tok, cfg, stats = _setup(neutral_target="I don't know.", closed_form="exact")
+    edit = zu_fast.unlearn(model, tok, REQUESTS[:1], cfg, stats=stats, context_templates=TEMPLATES)
+    assert edit.report.targets["z_loss_initial"] > 0
+    edit.restore()
