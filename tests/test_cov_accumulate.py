@@ -277,6 +277,26 @@ def test_triton_empty_and_ks_float32(monkeypatch):
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["col_stride_2", "4d", "1d_row"])
+def test_triton_layouts(layout):
+    """Other layouts the hook may hand over: strided columns, more leading dims, a single row."""
+    g = torch.Generator().manual_seed(5)
+    if layout == "col_stride_2":
+        keys = torch.randn(50, 80, generator=g).to(torch.float16).to(DEV)[:, ::2]
+        mask = (torch.rand(50, generator=g) > 0.4).to(DEV)
+    elif layout == "4d":
+        keys = torch.randn(2, 3, 7, 24, generator=g).to(torch.bfloat16).to(DEV)
+        mask = (torch.rand(2, 3, 7, generator=g) > 0.4).to(DEV)
+    else:
+        keys = torch.randn(24, generator=g).to(DEV)
+        mask = torch.tensor(True, device=DEV)
+    acc = random_accumulators(keys.shape[-1], 0, DEV)
+    acc0 = clone_acc(acc)
+    run_op(triton_fn(), acc, keys, mask, None)
+    check_against_reference(acc0, acc, reference(keys, mask, None), 1, upper_only=True)
+
+
+@needs_triton
 def test_triton_runs_triton_code(monkeypatch):
     """The Triton kernel itself is launched (interpreted on CPU), once, over the expected grid."""
     import triton as _triton
@@ -291,7 +311,7 @@ def test_triton_runs_triton_code(monkeypatch):
             return real[grid]
 
     monkeypatch.setattr(mod, "_cov_kernel", Spy())
-    monkeypatch.setenv("ZU_FAST_COV_TRITON_CONFIG", "32,16,4,1")
+    monkeypatch.setenv("ZU_FAST_COV_TRITON_CONFIG", "32,32,4,1")
     keys, mask, values = make_case("3d_d130_holes_fused", torch.float16)
     acc = random_accumulators(130, 72, DEV)
     acc0 = clone_acc(acc)

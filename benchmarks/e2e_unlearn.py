@@ -1,0 +1,100 @@
+"""End-to-end timing: statistics + unlearning N facts on a random-initialised Llama-shaped model.
+
+    python benchmarks/e2e_unlearn.py --shape llama-3.2-1b --n 100      # GPU
+    python benchmarks/e2e_unlearn.py --shape tiny --n 10                # CPU smoke run
+
+Prints a table of wall time and peak memory per phase and writes JSON (``--json``). The model is
+random, so the quality numbers are meaningless here — this measures speed and memory only; the
+quality benchmark is the synthetic-world small model (``zu-fast demo`` / ``zu-fast eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import zu_fast
+from zu_fast.eval import synthetic, tinylm
+
+SHAPES = {
+    # name: (layers, d, d_ff, heads, kv_heads, vocab, edit layers)
+    "tiny": (6, 128, 512, 4, 2, 2048, [2, 3, 4]),
+    "llama-3.2-1b": (16, 2048, 8192, 32, 8, 128256, [8, 9, 10]),
+    "llama-3.2-3b": (28, 3072, 8192, 24, 8, 128256, [16, 17, 18]),
+    "llama-3.1-8b": (32, 4096, 14336, 32, 8, 128256, [19, 20, 21]),
+}
+
+
+def build(shape: str, device: str, dtype: torch.dtype):
+    layers, d, d_ff, heads, kv, vocab, edit_layers = SHAPES[shape]
+    world = synthetic.make_world()
+    tok = tinylm.train_tokenizer(world.training_texts(), 1280)
+    cfg = LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=d, intermediate_size=d_ff, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with torch.device(device):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    return model, tok, world, edit_layers
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    p.add_argument("--n", type=int, default=100, help="facts to forget")
+    p.add_argument("--texts", type=int, default=2000, help="corpus texts for the statistics")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    t0 = time.perf_counter()
+    model, tok, world, layers = build(args.shape, device, dtype)
+    t_build = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = zu_fast.UnlearnConfig.for_model(model, layers=layers, progress=False)
+    corpus = world.training_texts()[: args.texts]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t1 = time.perf_counter()
+    stats = zu_fast.collect_stats(model, tok, corpus, cfg, cache=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t_stats = time.perf_counter() - t1
+    peak_stats = torch.cuda.max_memory_allocated() - weights if device == "cuda" else 0
+    records = world.records(args.n, seed=0)
+    t2 = time.perf_counter()
+    edit = zu_fast.unlearn(model, tok, records, cfg, stats=stats)
+    t_unlearn = time.perf_counter() - t2
+    t3 = time.perf_counter()
+    edit.restore()
+    t_restore = time.perf_counter() - t3
+    dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    res = {
+        "device": dev_name, "shape": args.shape, "dtype": args.dtype, "n_requests": args.n, "layers": layers,
+        "weights_gib": weights / 2**30, "stats_tokens": stats.meta["collection"]["tokens"],
+        "seconds": {"build": t_build, "stats": t_stats, "unlearn": t_unlearn, "restore": t_restore,
+                    **{f"unlearn.{k}": v for k, v in edit.report.timings.items()}},
+        "peak_above_weights_gib": {"stats": peak_stats / 2**30,
+                                   **{k: (v - weights) / 2**30 for k, v in edit.report.peak_memory_bytes.items()}},
+        "targets": edit.report.targets,
+    }
+    print(f"\n{args.shape} ({res['weights_gib']:.2f} GiB {args.dtype}) on {dev_name}: unlearn {args.n} facts")
+    print("| phase | seconds |\n|---|---:|")
+    for k, v in res["seconds"].items():
+        print(f"| {k} | {v:.3f} |")
+    print("| peak memory above weights | GiB |\n|---|---:|")
+    for k, v in res["peak_above_weights_gib"].items():
+        print(f"| {k} | {v:.3f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
