@@ -142,6 +142,17 @@ def _cuda_device_problem() -> str | None:
     return None
 
 
+def _ninja_available() -> bool:
+    if shutil.which("ninja"):
+        return True
+    try:
+        import ninja  # noqa: F401  (the PyPI wheel puts the binary next to the interpreter)
+
+        return True
+    except ImportError:
+        return False
+
+
 def _jit_build():
     from torch.utils import cpp_extension
 
@@ -150,7 +161,7 @@ def _jit_build():
         raise RuntimeError("CUDA sources (csrc/) not found in the installed package or the repository")
     if find_nvcc() is None:
         raise RuntimeError("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    if not cpp_extension.is_ninja_available():
+    if not cpp_extension.is_ninja_available():  # what torch itself will run
         raise RuntimeError("ninja not found (pip install ninja)")
     _fix_torch_cuda_home()
     flags = ["-O3", "-lineinfo", *arch_flags(torch.cuda.get_device_capability())]
@@ -218,8 +229,6 @@ def build_status() -> dict:
     """How the CUDA extension would be obtained here, without building anything (for `zu-fast info`)."""
     import importlib.util
 
-    from torch.utils import cpp_extension
-
     nvcc = find_nvcc()
     src = source_dir()
     try:
@@ -228,7 +237,7 @@ def build_status() -> dict:
         prebuilt = False
     device_problem = _cuda_device_problem()
     jit_enabled = os.environ.get(JIT_ENV, "1").strip() != "0"
-    ninja = cpp_extension.is_ninja_available()
+    ninja = _ninja_available()
     jit_able = jit_enabled and nvcc is not None and ninja and src is not None and torch.version.cuda is not None
     if _ext is not None:
         reason = f"loaded ({_ext_origin})"
