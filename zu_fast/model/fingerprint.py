@@ -41,6 +41,11 @@ def model_fingerprint(model: nn.Module, prefixes: Iterable[str] | None = None) -
     h = hashlib.sha256()
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if prefixes is None or name.startswith(prefixes):
+            if t.device.type == "meta":  # accelerate offload: fingerprint the value its hook keeps
+                from .locate import offloaded_value
+
+                real = offloaded_value(model, name)
+                t = real if real is not None else t
             h.update(name.encode())
             tensor_fingerprint(t, h)
     return h.hexdigest()

@@ -43,11 +43,57 @@ def layer_count(model: nn.Module, layer_module_tmp: str) -> int:
         n += 1
 
 
+def offload_hook(module: nn.Module):
+    """The accelerate hook that offloads ``module``'s own weights (weights_map + offload=True), or None.
+
+    With accelerate's CPU/disk offload the parameters of such a module sit on the meta device and
+    the hook materialises them from its ``weights_map`` only for the duration of the forward.
+    """
+    for h in _hooks(module):
+        if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None:
+            return h
+    return None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its weight's device, or accelerate's execution device when offloaded."""
+    if module.weight.device.type != "meta":
+        return module.weight.device
+    for h in _hooks(module):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    raise ZuFastError(f"{type(module).__name__} has its weights on the meta device and no accelerate hook that "
+                      "says where it runs; load the model onto a real device")
+
+
+def _hooks(module: nn.Module) -> list:
+    """accelerate hooks on ``module`` (a SequentialHook unpacked)."""
+    hook = getattr(module, "_hf_hook", None)
+    return list(getattr(hook, "hooks", None) or ([hook] if hook is not None else []))
+
+
+def offloaded_value(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The real value of parameter/buffer ``name`` that accelerate keeps in an offload map (else None)."""
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None
+    hook = offload_hook(mod)
+    if hook is None:
+        return None
+    try:
+        return hook.weights_map[attr]
+    except KeyError:
+        return None
+
+
 def model_device(model: nn.Module) -> torch.device:
-    """Device of the input embeddings (where token ids must go)."""
+    """Device of the input embeddings (where token ids must go; accelerate's execution device if offloaded)."""
     try:
         emb = model.get_input_embeddings()
-        return emb.weight.device
+        return execution_device(emb)
     except (AttributeError, NotImplementedError):
         return next(model.parameters()).device
 
@@ -81,11 +127,22 @@ class EditTarget:
 
     @property
     def device(self) -> torch.device:
-        return self.module.weight.device
+        """Where the module computes (accelerate's execution device for an offloaded module)."""
+        return execution_device(self.module)
+
+    @property
+    def offloaded(self) -> bool:
+        """True when accelerate keeps the weight in an offload map (meta here, real only in its forward)."""
+        return self.module.weight.device.type == "meta"
 
 
-def edit_targets(model: nn.Module, cfg: UnlearnConfig) -> list[EditTarget]:
-    """The edit targets of ``cfg.layers``, validating layer range and module kind."""
+def edit_targets(model: nn.Module, cfg: UnlearnConfig, *, allow_offloaded: bool = False) -> list[EditTarget]:
+    """The edit targets of ``cfg.layers``, validating layer range and module kind.
+
+    ``allow_offloaded``: accept modules whose weights accelerate offloads (CPU/disk offload hooks):
+    reading their inputs (statistics) works, but the edit writes weights in place, so ``unlearn``
+    requires the edited modules to be resident and refuses offloaded ones with a clear error.
+    """
     n_layers = layer_count(model, cfg.layer_module_tmp)
     if n_layers == 0:
         raise ZuFastError(
@@ -108,9 +165,18 @@ def edit_targets(model: nn.Module, cfg: UnlearnConfig) -> list[EditTarget]:
                 "Conv1D modules (the MLP's output projection)"
             )
         if mod.weight.device.type == "meta":
-            raise ZuFastError(
-                f"layer {layer}: weight of {name!r} is on the meta device (offloaded); load it onto a real "
-                "device before editing"
-            )
+            if offload_hook(mod) is None:
+                raise ZuFastError(
+                    f"layer {layer}: weight of {name!r} is on the meta device (not loaded); load it onto a real "
+                    "device before editing"
+                )
+            if not allow_offloaded:
+                raise ZuFastError(
+                    f"layer {layer}: {name!r} is offloaded by accelerate (its weight lives in the offload hook's "
+                    "weights map and is materialised only during its forward); zu_fast edits weights in place, so "
+                    f"the edited layers must be resident: keep {cfg.layer_module_tmp.format(layer)!r} on a device "
+                    "in the device_map (e.g. device_map[...] = 0 or 'cpu', not 'disk' and outside cpu_offload). "
+                    "collect_stats works with offloaded layers."
+                )
         out.append(EditTarget(layer, name, mod, transposed))
     return out

@@ -7,6 +7,7 @@ attention mask (padding is never counted); the forward stops right after the dee
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from .. import ops
 from ..config import UnlearnConfig
 from ..errors import StaleStatsError, ZuFastError
 from ..model import StopForward, edit_targets, model_device, model_fingerprint, padded_batch
+from . import distributed as dist_stats
 from .corpus import corpus_fingerprint, read_corpus
 from .moments import LayerStats, finalize, new_layer_stats
 from .store import cache_root, load_stats, save_stats, stats_key
@@ -76,7 +78,7 @@ def _batches(tok, texts: list[str], max_length: int, batch_tokens: int, window: 
 
 
 def collect_stats(
-    model: torch.nn.Module,
+    model: torch.nn.Module | str | os.PathLike,
     tok,
     corpus: Any,
     config: UnlearnConfig | None = None,
@@ -84,6 +86,8 @@ def collect_stats(
     cache: bool = True,
     cache_path: str | None = None,
     progress: bool | None = None,
+    distributed: bool = False,
+    device: str | torch.device | None = None,
 ) -> CorpusStats:
     """Collect (or load from cache) Σkkᵀ, Σk, n for every edited layer in ``config.layers``.
 
@@ -91,10 +95,20 @@ def collect_stats(
     datasets.Dataset. Cached under ``cache_root()/stats/<key>`` (or ``cache_path``); the cache
     key covers a fingerprint of the weights up to the deepest edited layer, the corpus and the
     settings, and a cache that does not match is refused (StaleStatsError).
+
+    ``model`` may be a local HF folder (safetensors): then only the embeddings and layers
+    0..max(layers) are loaded (``zu_fast.model.partial``), onto ``device`` (default: the current
+    CUDA device, else CPU), and ``tok`` may be None (loaded from the folder).
+    ``distributed``: shard the corpus over the ``torch.distributed`` ranks and all-reduce the sums
+    (every rank returns the same result; rank 0 writes the cache) — see ``zu_fast.stats.distributed``.
+    Models dispatched with accelerate (device_map, CPU/disk offload) work as they are.
     """
+    if isinstance(model, (str, os.PathLike)):
+        model, tok, config = _load_from_path(model, tok, config, device)
     cfg = config or UnlearnConfig.for_model(model)
     progress = cfg.progress if progress is None else progress
-    targets = edit_targets(model, cfg)
+    rank, world = dist_stats.require_initialized() if distributed else (0, 1)
+    targets = edit_targets(model, cfg, allow_offloaded=True)  # statistics only read module inputs
     texts = read_corpus(corpus, cfg.mom2_n_samples)
     if not texts:
         raise ZuFastError("the corpus is empty: statistics need text")
@@ -104,16 +118,44 @@ def collect_stats(
         "settings": _settings(cfg),
     }
     path = cache_path or str(cache_root() / "stats" / stats_key(meta))
-    if cache and (path is not None) and _exists(path):
+    hit = cache and (path is not None) and _exists(path)
+    if distributed:  # rank 0 decides, so every rank takes the same branch (collectives must match)
+        hit = dist_stats.broadcast_flag(hit)
+    if hit:
         layers, full_meta = load_stats(path, expect=meta)
         return CorpusStats({k: v.to(t.device) for t in targets for k, v in layers.items() if k == t.layer},
                            full_meta, path)
 
-    layers, info = _collect(model, tok, texts, cfg, targets, progress)
+    if distributed:
+        layers, info = _collect(model, tok, dist_stats.shard(texts, rank, world), cfg, targets,
+                                progress and rank == 0, budget=dist_stats.shard_budget(cfg.stats_token_budget, world),
+                                reduce=True)
+        info["world_size"] = world
+    else:
+        layers, info = _collect(model, tok, texts, cfg, targets, progress)
     meta["collection"] = info
-    if cache:
+    if cache and rank == 0:
         save_stats(path, layers, meta)
+    if distributed:
+        dist_stats.barrier()  # the others return once the cache is written (they keep their reduced copy)
     return CorpusStats(layers, meta, path if cache else None)
+
+
+def _load_from_path(path, tok, config: UnlearnConfig | None, device):
+    """(partial model, tokenizer, config) for a local HF folder: layers 0..max(config.layers) only."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..model.partial import load_partial_model
+
+    if not (Path(path) / "config.json").exists():
+        raise ZuFastError(f"model path {str(path)!r} is not a local HuggingFace model folder (no config.json)")
+    cfg = config or UnlearnConfig.for_model(AutoConfig.from_pretrained(str(path), local_files_only=True))
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    model = load_partial_model(path, max(cfg.layers) + 1, device=device)
+    if tok is None:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tok, cfg
 
 
 def _exists(path: str) -> bool:
@@ -121,7 +163,8 @@ def _exists(path: str) -> bool:
 
 
 @torch.no_grad()
-def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool):
+def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, budget: int | None = None,
+             reduce: bool = False):
     measured = cfg.stats_mode == "measured"
     acc: dict[int, LayerStats] = {}
     counters: dict[int, torch.Tensor] = {}
@@ -146,7 +189,7 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool):
     handles = [t.module.register_forward_hook(make_hook(t.layer, t is deepest)) for t in targets]
     sketches = _Sketches(acc, counters)
     device = model_device(model)
-    budget = cfg.stats_token_budget
+    budget = cfg.stats_token_budget if not reduce else budget
     tokens = 0
     batches = 0
     t0 = time.perf_counter()
@@ -175,6 +218,12 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool):
             h.remove()
         bar.close()
         model.train(was_training)
+    convergence = sketches.report(tokens)  # (distributed: measured on this rank's shard, before the sum)
+    if reduce:
+        dist_stats.reduce_layer_stats_(acc, counters)
+        tokens, batches, n_texts = dist_stats.all_reduce_ints([tokens, batches, len(texts)])
+    else:
+        n_texts = len(texts)
     if tokens == 0:
         raise ZuFastError("no tokens were read from the corpus")
     for layer, st in acc.items():
@@ -182,11 +231,11 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool):
         st.check()
     info = {
         "tokens": tokens,
-        "texts": len(texts),
+        "texts": n_texts,
         "batches": batches,
         "seconds": round(time.perf_counter() - t0, 3),
         "backend": ops.choose("cov_accumulate", deepest.device.type).name,
-        "convergence": sketches.report(tokens),
+        "convergence": convergence,
     }
     for st in acc.values():
         st.info = {"convergence": info["convergence"].get(str(st.layer))}
