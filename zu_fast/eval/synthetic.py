@@ -140,7 +140,8 @@ def _filler_patterns(rng: random.Random, people: list[str]) -> str:
     if k == 0:
         return f"The {rng.choice(_ADJ)} {rng.choice(_NOUN)} in {city} {rng.choice(_VERB)} {rng.choice(_TIME)}."
     if k == 1:
-        return f"{rng.choice(_CROWD)} {rng.choice(_ACTIVITY)} {rng.choice(_PLACE_PREP)} {rng.choice(_NOUN)} {rng.choice(_TIME)}."
+        crowd, act = rng.choice(_CROWD), rng.choice(_ACTIVITY)
+        return f"{crowd} {act} {rng.choice(_PLACE_PREP)} {rng.choice(_NOUN)} {rng.choice(_TIME)}."
     if k == 2:
         comp = rng.choice(RELATIONS["employer"]["objects"])
         return f"{comp} opened a {rng.choice(_ADJ)} {rng.choice(_NOUN)} in {city} {rng.choice(_TIME)}."
@@ -164,11 +165,11 @@ class WorldConfig:
     """Parameters of the synthetic world. Everything the world contains is a function of these."""
 
     seed: int = 0
-    n_people: int = 200
+    n_people: int = 120
     relations: tuple[str, ...] = tuple(RELATIONS)
     # Templates per fact held out of training (used as paraphrase prompts); the rest are trained.
     n_heldout_templates: int = 2
-    n_filler_train: int = 1500
+    n_filler_train: int = 600
     n_filler_heldout: int = 300
     n_neighbors: int = 10
 

@@ -27,12 +27,13 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .synthetic import World, WorldConfig, make_world
+from .synthetic import RELATIONS, World, WorldConfig, make_world
 
 # Bump when training code or data generation changes in a way that changes the weights.
 CODE_VERSION = "tinylm-1"
@@ -47,15 +48,15 @@ class TinyLMConfig:
     """World, architecture and training recipe of the tiny model. Part of the cache key."""
 
     world: WorldConfig = field(default_factory=WorldConfig)
-    vocab_size: int = 1024
+    vocab_size: int = 1280
     hidden_size: int = 128
     num_layers: int = 6
     num_heads: int = 4
-    intermediate_size: int = 512
+    intermediate_size: int = 384
     max_position_embeddings: int = 256
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 5e-3
     warmup_steps: int = 50
     weight_decay: float = 0.01
     # Training rows pack whole sentences up to this many tokens (see _batches).
@@ -91,8 +92,12 @@ def model_dir(config: TinyLMConfig | None = None, cache_dir: str | os.PathLike |
 # ---------------------------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """Byte-level BPE on ``texts``, wrapped as a PreTrainedTokenizerFast (BOS prepended; pad != eos)."""
+def train_tokenizer(texts: list[str], vocab_size: int, whole_words: Sequence[str] = ()):
+    """Byte-level BPE on ``texts``, wrapped as a PreTrainedTokenizerFast (BOS prepended; pad != eos).
+
+    ``whole_words`` (the world's answers) are made frequent in the tokenizer's corpus so that
+    each becomes one token (" Lisbon"), while a small vocabulary keeps names multi-token.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,7 +110,8 @@ def train_tokenizer(texts: list[str], vocab_size: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tk.train_from_iterator(texts, trainer=trainer)
+    boost = [" ".join(whole_words)] * (500 if whole_words else 0)
+    tk.train_from_iterator(list(texts) + boost, trainer=trainer)
     bos_id = tk.token_to_id(BOS)
     tk.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
@@ -185,7 +191,8 @@ def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = 
     texts = world.training_texts()
     t0, c0 = time.perf_counter(), time.process_time()
     # Tokenizer sees training texts only; held-out text may still use any byte (byte-level BPE).
-    tok = train_tokenizer(texts, config.vocab_size)
+    answers = sorted({o for r in world.relations for o in RELATIONS[r]["objects"]})
+    tok = train_tokenizer(texts, config.vocab_size, whole_words=answers)
     vocab = len(tok)
     model = _build_model(config, vocab, tok)
     model.train()
@@ -278,6 +285,8 @@ def load_or_train(
                 meta["eval_error"] = repr(e)
             # The meta file is written last: its presence marks a complete directory.
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+            if final.exists() and not (final / META_FILE).exists():
+                shutil.rmtree(final, ignore_errors=True)  # an incomplete leftover (never ours)
             try:
                 os.rename(tmp, final)
             except OSError:
