@@ -81,6 +81,9 @@ class UnlearnConfig:
     gd_orth_weight: float = 1.0
     gd_remap_weight: float = 100.0
     gd_norm_weight: float = 0.1
+    gd_tol: float = 1e-4  # early stop: relative loss decrease < gd_tol over gd_window steps (0: run all gd_steps)
+    gd_window: int = 20
+    gd_precision: str = "fp32"  # "fp32" or "fp64" (the reference's round-off)
 
     # --- misc -----------------------------------------------------------------------------
     batch_size: int = 32  # prompts per forward when reading keys/values
@@ -109,6 +112,7 @@ class UnlearnConfig:
             "method": ("closed_form", "gd"),
             "original_representation": ("optimized", "clean"),
             "gram_precision": ("auto", "fp64", "fp32", "bf16x2"),
+            "gd_precision": ("fp32", "fp64"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

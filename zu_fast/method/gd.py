@@ -1,0 +1,360 @@
+"""ZeroUnlearn-GD: the multi-sample variant, an additive edit W ← W + Δ P_null found by Adam.
+
+The objective (ALGORITHM.md "ZeroUnlearn-GD"), over Δ ∈ R^{d×d_in}:
+
+    L(Δ) = w_o ‖Uᵀ O‖² + w_r ‖O − (V_f + R)‖² + w_n ‖Δ P‖²,     O = (W + Δ P) K_f (+ b)
+
+with P = P_null the orthogonal projector onto the eigenvectors of C (the corpus key second moment)
+whose eigenvalue is ≤ ``gd_null_threshold``; Adam (lr ``gd_lr``, ``gd_steps`` steps), Δ = 0 at the
+start; the edit is ΔW = Δ P. O is the module's output on the forget keys (bias included, so that
+the remap term compares outputs with the target outputs V_f + R; the reference models have no bias).
+
+The reference optimises a dense float64 Δ with autograd through ``Δ @ P`` (P dense d_in×d_in built
+from a full SVD of C) every step. This module computes the same iterates, faster:
+
+- The eigendecomposition of C is done once per layer (``eigh``, float64) and cached on the
+  LayerStats object (and optionally on disk, keyed on the statistic's content).
+- P is never formed. With B [d_in, r] an orthonormal basis of the null space (P = B Bᵀ), or of its
+  complement when that is smaller (P = I − B Bᵀ), ΔP = (ΔB)Bᵀ or Δ − (ΔB)Bᵀ: two thin products of
+  d·d_in·r flops, r = min(null rank, d_in − null rank) ≤ d_in/2, instead of d·d_in² (twice).
+- The gradient is written in closed form. With M = ΔP and E = ∂L/∂O = 2 w_o U Uᵀ O + 2 w_r (O − V_f − R)
+  (a thin [d, N] matrix), the reference's autograd gradient is
+      ∂L/∂Δ = (E K_fᵀ + 2 w_n M) P = E (P K_f)ᵀ + 2 w_n M        (M P = Δ P P = M)
+  so each step needs only M (which the forward needs anyway) and the thin E (P K_f)ᵀ.
+- Adam stays on the dense Δ [d, d_in], exactly as in the reference: Adam is element-wise, hence not
+  rotation invariant, so optimising a reduced variable such as ΔB would be a different algorithm.
+  Only the gradient's formation is cheaper; m, v and the step are torch.optim.Adam's own.
+- float32 by default (the objective is a well-conditioned quadratic of a small matrix; tests compare
+  the loss curve and ΔW with the float64 reference), ``precision="fp64"`` reproduces the reference to
+  round-off.
+- Early stop when the loss decreased by less than ``tol`` (relative) over the last ``window`` steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import UnlearnConfig
+from ..errors import ZuFastError
+from ..stats.moments import LayerStats
+from .closed_form import w_times
+
+# Early stop: stop once the loss fell by less than DEFAULT_TOL (relative) over DEFAULT_WINDOW steps.
+# Chosen so that the results match the full-length dense reference within the tests' tolerance
+# (tests/test_gd.py, benchmarks/gd_speed.py report both). Overridable via config attributes
+# ``gd_tol`` / ``gd_window`` (0 disables early stopping).
+DEFAULT_TOL = 1e-4
+DEFAULT_WINDOW = 20
+# Disk cache of eigenbases only for layers whose eigendecomposition is expensive.
+DISK_CACHE_MIN_D_IN = 4096
+
+_CACHE_ATTR = "_zu_gd_eigh"
+
+
+# --------------------------------------------------------------------------- eigenbasis ------
+
+
+@dataclass
+class Eigh:
+    """Eigendecomposition of one layer's C = Σkkᵀ/n (ascending eigenvalues)."""
+
+    eigvals: torch.Tensor  # [d_in] float64
+    eigvecs: torch.Tensor  # [d_in, d_in] columns; float64 or float32 (see ``eigh_of``)
+    seconds: float  # time the decomposition took (0 when it came from a cache)
+    source: str  # "computed", "memory" or "disk"
+
+
+@dataclass
+class NullBasis:
+    """P_null in thin form: P = B Bᵀ (``complement`` False) or P = I − B Bᵀ (``complement`` True)."""
+
+    B: torch.Tensor  # [d_in, r] orthonormal columns
+    complement: bool
+    null_rank: int  # dimension of the null space (trace of P)
+    d_in: int
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        """P X for X [d_in, m]."""
+        BtX = self.B.t() @ X  # [r, m]
+        return X - self.B @ BtX if self.complement else self.B @ BtX
+
+    def dense(self) -> torch.Tensor:
+        """P  # [d_in, d_in] (verification only)."""
+        BBt = self.B @ self.B.t()
+        if self.complement:
+            return torch.eye(self.d_in, dtype=self.B.dtype, device=self.B.device) - BBt
+        return BBt
+
+
+def _version_key(stats: LayerStats) -> tuple:
+    # _version changes on every in-place write, data_ptr on reallocation: a mutated statistic
+    # never reuses a stale eigenbasis.
+    return (stats.n, stats.kk.data_ptr(), stats.kk._version, tuple(stats.kk.shape))
+
+
+def _content_key(stats: LayerStats) -> str:
+    h = hashlib.sha256()
+    kk = stats.kk.detach().contiguous().cpu()
+    h.update(f"{tuple(kk.shape)}|{kk.dtype}|{stats.n}|".encode())
+    h.update(kk.view(torch.uint8).numpy().tobytes() if kk.dtype != torch.bfloat16 else kk.float().numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _disk_path(stats: LayerStats, dtype: torch.dtype) -> Path:
+    from ..stats.store import cache_root
+
+    tag = "f64" if dtype == torch.float64 else "f32"
+    return cache_root() / "gd_eigh" / f"{_content_key(stats)}_{tag}.safetensors"
+
+
+def eigh_of(stats: LayerStats, *, dtype: torch.dtype = torch.float32, disk_cache: bool | None = None) -> Eigh:
+    """The eigendecomposition of C = stats.second_moment(), computed once and cached.
+
+    Computed in float64 on the statistic's device; the eigenvectors are kept in ``dtype`` (float32
+    halves the memory at large d_in; float64 is asked for by the exact-precision path). The cache
+    lives on the LayerStats object (dropped with it; invalidated when ``kk`` is modified in place)
+    and, when ``disk_cache`` (default: d_in ≥ 4096, where eigh takes long), under
+    ``cache_root()/gd_eigh`` keyed on a hash of Σkkᵀ and n.
+    """
+    memo: dict = stats.__dict__.setdefault(_CACHE_ATTR, {})
+    vkey = _version_key(stats)
+    for key in list(memo):
+        if key[0] != vkey:
+            del memo[key]
+    hit = memo.get((vkey, dtype)) or (memo.get((vkey, torch.float64)) if dtype == torch.float32 else None)
+    if hit is not None:
+        vecs = hit.eigvecs if hit.eigvecs.dtype == dtype else hit.eigvecs.to(dtype)
+        return Eigh(hit.eigvals, vecs, 0.0, "memory")
+    if disk_cache is None:
+        disk_cache = stats.d_in >= DISK_CACHE_MIN_D_IN
+    path = _disk_path(stats, dtype) if disk_cache else None
+    dev = stats.kk.device
+    if path is not None and path.exists():
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        res = Eigh(t["eigvals"].to(dev), t["eigvecs"].to(dev), 0.0, "disk")
+    else:
+        t0 = time.perf_counter()
+        C = stats.second_moment(torch.float64)  # [d_in, d_in]
+        C = 0.5 * (C + C.t())  # exact symmetry (Σkkᵀ is symmetric up to the accumulator's rounding)
+        vals, vecs = torch.linalg.eigh(C)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        res = Eigh(vals, vecs.to(dtype).contiguous(), time.perf_counter() - t0, "computed")
+        if path is not None:
+            _save_eigh(path, res)
+    memo[(vkey, dtype)] = Eigh(res.eigvals, res.eigvecs, 0.0, "memory")
+    return res
+
+
+def _save_eigh(path: Path, res: Eigh) -> None:
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file({"eigvals": res.eigvals.cpu().contiguous(), "eigvecs": res.eigvecs.cpu().contiguous()}, tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:  # a cache is an optimisation: never fail the edit over it
+        warnings.warn(f"could not write the eigenbasis cache {path}: {e}", stacklevel=3)
+
+
+def null_basis(
+    stats: LayerStats,
+    threshold: float,
+    *,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    form: str = "auto",
+    disk_cache: bool | None = None,
+) -> tuple[NullBasis, Eigh]:
+    """P_null (eigenvectors of C with eigenvalue ≤ threshold) in thin form, on ``device``.
+
+    form: "null" (P = B Bᵀ), "complement" (P = I − B Bᵀ) or "auto" (whichever B is thinner).
+    """
+    e = eigh_of(stats, dtype=torch.float64 if dtype == torch.float64 else torch.float32, disk_cache=disk_cache)
+    null = e.eigvals <= threshold  # ascending, so the null space is a prefix
+    k = int(null.sum())
+    d_in = e.eigvals.numel()
+    if form == "auto":
+        form = "complement" if k > d_in - k else "null"
+    if form not in ("null", "complement"):
+        raise ZuFastError(f"unknown null-space form {form!r}; choose 'auto', 'null' or 'complement'")
+    cols = e.eigvecs[:, :k] if form == "null" else e.eigvecs[:, k:]
+    dev = device if device is not None else stats.kk.device
+    return NullBasis(cols.to(dev, dtype).contiguous(), form == "complement", k, d_in), e
+
+
+# --------------------------------------------------------------------------- the update ------
+
+
+def _fused_ok(dev: torch.device, dt: torch.dtype) -> bool | None:
+    # The fused Adam kernel (one pass over m, v, Δ) is the same update; use it where torch has it.
+    if dev.type in ("cpu", "cuda") and dt in (torch.float32, torch.float64):
+        return True
+    return None
+
+
+def _setting(cfg: UnlearnConfig, name: str, default):
+    # gd_tol / gd_window / gd_precision may not exist on older configs: fall back to the defaults.
+    v = getattr(cfg, name, None)
+    return default if v is None else v
+
+
+def gd_update(
+    W: torch.Tensor,
+    stats: LayerStats,
+    K_f: torch.Tensor,
+    R: torch.Tensor,
+    U: torch.Tensor,
+    cfg: UnlearnConfig,
+    *,
+    bias: torch.Tensor | None = None,
+    precision: str | None = None,
+    tol: float | None = None,
+    window: int | None = None,
+    form: str = "auto",
+    trace: list[float] | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """ΔW  # [d, d_in] fp32 (the edit is W ← W + ΔW, ΔW = Δ P_null) and an info dict of floats.
+
+    W    [d, d_in]  current weight (any dtype/device; never copied whole to float64)
+    stats           this layer's corpus statistics (C = stats.second_moment())
+    K_f  [d_in, N]  forget keys (columns)
+    R    [d, N]     residuals: the remap target is V_f + R with V_f = W K_f (+ b)
+    U    [d, r]     orthonormal basis of the original representations
+    precision       "fp32" (default: config ``gd_precision`` or fp32) or "fp64" (reference round-off)
+    tol, window     early stop: relative loss decrease < tol over ``window`` steps (tol=0: run all steps)
+    form            thin form of P_null: "auto", "null" or "complement" (same iterates; speed only)
+    trace           if given, the loss before each Adam step is appended (the reference's loss curve)
+    """
+    t_start = time.perf_counter()
+    d, d_in = W.shape
+    N = K_f.shape[1]
+    if K_f.shape[0] != d_in or R.shape != (d, N) or U.shape[0] != d:
+        raise ZuFastError(
+            f"layer {stats.layer}: shapes disagree: W {tuple(W.shape)}, K_f {tuple(K_f.shape)}, "
+            f"R {tuple(R.shape)}, U {tuple(U.shape)}"
+        )
+    if stats.d_in != d_in:
+        raise ZuFastError(f"layer {stats.layer}: statistics have width {stats.d_in}, the weight has {d_in}")
+    precision = precision or _setting(cfg, "gd_precision", "fp32")
+    if precision not in ("fp32", "fp64"):
+        raise ZuFastError(f"gd precision {precision!r}; choose 'fp32' or 'fp64'")
+    dt = torch.float64 if precision == "fp64" else torch.float32
+    tol = float(_setting(cfg, "gd_tol", DEFAULT_TOL) if tol is None else tol)
+    window = int(_setting(cfg, "gd_window", DEFAULT_WINDOW) if window is None else window)
+    steps = int(cfg.gd_steps)
+    w_o, w_r, w_n = float(cfg.gd_orth_weight), float(cfg.gd_remap_weight), float(cfg.gd_norm_weight)
+    dev = W.device
+
+    t_eig = time.perf_counter()
+    nb, eig = null_basis(stats, cfg.gd_null_threshold, device=dev, dtype=dt, form=form)
+    t_eig = time.perf_counter() - t_eig
+    info: dict[str, float] = {
+        "gd_null_rank": float(nb.null_rank),
+        "gd_basis_width": float(nb.B.shape[1]),
+        "gd_eigh_seconds": float(eig.seconds),
+        "gd_basis_seconds": float(t_eig),
+    }
+    if nb.null_rank == 0:
+        warnings.warn(
+            f"layer {stats.layer}: C has no eigenvalue ≤ gd_null_threshold={cfg.gd_null_threshold} "
+            f"(smallest {float(eig.eigvals[0]):.3g}): the GD edit is empty; raise gd_null_threshold",
+            stacklevel=2,
+        )
+        info.update({"gd_steps": 0.0, "gd_loss_initial": math.nan, "gd_loss_final": math.nan,
+                     "gd_converged": 0.0, "gd_seconds": time.perf_counter() - t_start})
+        return torch.zeros(d, d_in, dtype=torch.float32, device=dev), info
+
+    with torch.no_grad():
+        K = K_f.detach().to(dev, dt)  # [d_in, N]
+        V = w_times(W.detach(), K_f.detach())  # V_f = W K_f in float64, chunked over W's columns  [d, N]
+        if bias is not None:
+            V = V + bias.detach().to(dev, torch.float64)[:, None]
+        Ud = U.detach().to(dev, dt)  # [d, r_u]
+        Rd = R.detach().to(dev, dt)  # [d, N]
+        UtV = Ud.t() @ V.to(dt)  # Uᵀ V_f: the orth term's constant part  [r_u, N]
+        B = nb.B  # [d_in, r]
+        Bt = B.t().contiguous()  # [r, d_in]
+        KP = nb.project(K)  # P K_f  [d_in, N]
+        KPt = KP.t().contiguous()  # [N, d_in]
+        BtK = Bt @ K  # [r, N]
+
+    # Adam on the dense Δ, exactly as the reference (torch.optim.Adam, default betas/eps); the
+    # gradient is written into delta.grad in closed form instead of by autograd.
+    delta = torch.zeros(d, d_in, dtype=dt, device=dev)  # [d, d_in]
+    delta.grad = torch.zeros_like(delta)  # [d, d_in]
+    opt = torch.optim.Adam([delta], lr=cfg.gd_lr, fused=_fused_ok(dev, dt))
+    losses: list[float] = []
+    converged = False
+    step = 0
+
+    with torch.no_grad():
+        while True:
+            # ---- forward at the current Δ: only thin products besides T = ΔB ----
+            T = delta @ B  # [d, r]
+            if nb.complement:  # P = I − BBᵀ
+                MK = delta @ KP  # Δ P K_f   [d, N]
+                # ‖ΔP‖² = ‖Δ‖² − ‖ΔB‖² (Pythagoras; B orthonormal)
+                norm = max(float(delta.pow(2).sum()) - float(T.pow(2).sum()), 0.0)
+            else:  # P = BBᵀ
+                MK = T @ BtK  # Δ B Bᵀ K_f   [d, N]
+                norm = float(T.pow(2).sum())  # ‖ΔBBᵀ‖² = ‖ΔB‖²
+            S = UtV + Ud.t() @ MK  # Uᵀ O   [r_u, N]
+            Rm = MK - Rd  # O − (V_f + R)   [d, N]
+            orth, remap = float(S.pow(2).sum()), float(Rm.pow(2).sum())
+            loss = w_o * orth + w_r * remap + w_n * norm
+            if not math.isfinite(loss):
+                raise ZuFastError(f"layer {stats.layer}: the GD loss is not finite at step {step}")
+            losses.append(loss)
+            if trace is not None:
+                trace.append(loss)
+            if step >= steps:
+                break  # the loss of the final iterate (the reference's Δ after gd_steps updates)
+            if tol > 0 and window > 0 and len(losses) > window:
+                old = losses[-1 - window]
+                if old - loss <= tol * abs(old):
+                    converged = True
+                    break
+            # ---- gradient: (E K_fᵀ + 2 w_n ΔP) P = E (P K_f)ᵀ + 2 w_n ΔP,  E = ∂L/∂O ----
+            E = (2.0 * w_o) * (Ud @ S) + (2.0 * w_r) * Rm  # [d, N]
+            g = delta.grad  # [d, d_in]
+            if nb.complement:  # 2 w_n (Δ − T Bᵀ) + E KPᵀ
+                torch.mul(delta, 2.0 * w_n, out=g)
+                g.addmm_(T, Bt, alpha=-2.0 * w_n)
+            else:  # 2 w_n T Bᵀ + E KPᵀ
+                torch.mm(T, Bt, out=g)
+                g.mul_(2.0 * w_n)
+            g.addmm_(E, KPt)
+            opt.step()
+            step += 1
+        dW = delta.addmm(T, Bt, beta=1.0, alpha=-1.0) if nb.complement else T @ Bt  # Δ P  [d, d_in]
+        dW = dW.float()
+        parts = (orth, remap, norm)
+    info.update({
+        "gd_steps": float(step),
+        "gd_converged": float(converged),
+        "gd_loss_initial": losses[0],
+        "gd_loss_final": losses[-1],
+        "gd_orth_final": parts[0],
+        "gd_remap_final": parts[1],
+        "gd_norm_final": parts[2],
+        "gd_seconds": time.perf_counter() - t_start,
+    })
+    return dW, info
+
+
+__all__ = ["DEFAULT_TOL", "DEFAULT_WINDOW", "Eigh", "NullBasis", "eigh_of", "gd_update", "null_basis"]
