@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import corpus, gpt2, llama
 
 import zu_fast
 from zu_fast import StaleStatsError, UnlearnConfig, ZuFastError
 from zu_fast.stats.corpus import read_corpus
-
-from tiny_models import corpus, gpt2, llama
 
 
 def _cfg(**kw):

@@ -6,14 +6,13 @@ import copy
 
 import pytest
 import torch
+from tiny_models import REQUESTS, corpus, gpt2, llama
 
 import zu_fast
 from zu_fast import Edit, UnlearnConfig, UnlearnRequest, ZuFastError
 from zu_fast.method.targets import optimize_deltas
 from zu_fast.model import continuation_ids
 from zu_fast.requests import normalize_requests
-
-from tiny_models import REQUESTS, corpus, gpt2, llama
 
 TEMPLATES = [["{}"], ["Because I. {}", "You. {}"]]
 

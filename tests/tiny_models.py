@@ -25,7 +25,7 @@ def corpus(n: int = 64, seed: int = 0) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer() -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE(unk_token=None))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from . import __version__, ops
+from .atomic import write_folder
 from .config import UnlearnConfig
 from .errors import ZuFastError
 from .model import EditTarget, get_module, tensor_fingerprint
@@ -139,10 +138,8 @@ class Edit:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write ``factors.safetensors`` + ``edit.json`` into folder ``path`` (atomically)."""
-        path = Path(path)
         if not self.factors:
             raise ZuFastError("nothing to save: the edit has no factors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         name = "D_minus_I" if self.kind == "multiplicative" else "delta_w"
         tensors = {f"{layer}.{name}": f.contiguous() for layer, f in self.factors.items()}
         meta = {
@@ -157,17 +154,7 @@ class Edit:
             "report": self.report.to_dict(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-edit-", dir=path.parent))
-        try:
-            save_file(tensors, str(tmp / "factors.safetensors"))
-            (tmp / "edit.json").write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return path
+        return write_folder(path, "factors.safetensors", tensors, {"edit.json": meta})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Edit:

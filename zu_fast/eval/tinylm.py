@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..stats.store import cache_root
 from .synthetic import RELATIONS, World, WorldConfig, make_world
 
 # Bump when training code or data generation changes in a way that changes the weights.
@@ -71,14 +72,6 @@ class TinyLMConfig:
     def cache_key(self) -> str:
         blob = json.dumps({"config": self.to_dict(), "code": CODE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def cache_root() -> Path:
-    """``$ZU_FAST_CACHE`` or ``$XDG_CACHE_HOME/zu_fast`` or ``~/.cache/zu_fast``."""
-    if os.environ.get("ZU_FAST_CACHE"):
-        return Path(os.environ["ZU_FAST_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "zu_fast"
 
 
 def model_dir(config: TinyLMConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:

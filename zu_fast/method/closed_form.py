@@ -136,6 +136,20 @@ def _solve(A: torch.Tensor, B: torch.Tensor, layer: int | None) -> torch.Tensor:
 # --------------------------------------------------------------------------- the multiplier ------
 
 
+def check_layer_problem(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: torch.Tensor,
+                        U: torch.Tensor) -> None:
+    """Shapes of one layer's edit problem agree (shared by the closed form and the GD variant)."""
+    d, d_in = W.shape
+    N = K_f.shape[1]
+    if K_f.shape[0] != d_in or R.shape != (d, N) or U.shape[0] != d:
+        raise ZuFastError(
+            f"layer {stats.layer}: shapes disagree: W {tuple(W.shape)}, K_f {tuple(K_f.shape)}, "
+            f"R {tuple(R.shape)}, U {tuple(U.shape)}"
+        )
+    if stats.d_in != d_in:
+        raise ZuFastError(f"layer {stats.layer}: statistics have width {stats.d_in}, the weight has {d_in}")
+
+
 def multiplier(
     W: torch.Tensor,
     stats: LayerStats,
@@ -160,15 +174,9 @@ def multiplier(
     cfg = config or UnlearnConfig(layers=[stats.layer])
     form = form or cfg.closed_form
     stats.check()
+    check_layer_problem(W, stats, K_f, R, U)
     d, d_in = W.shape
     N = K_f.shape[1]
-    if K_f.shape[0] != d_in or R.shape != (d, N) or U.shape[0] != d:
-        raise ZuFastError(
-            f"layer {stats.layer}: shapes disagree: W {tuple(W.shape)}, K_f {tuple(K_f.shape)}, "
-            f"R {tuple(R.shape)}, U {tuple(U.shape)}"
-        )
-    if stats.d_in != d_in:
-        raise ZuFastError(f"layer {stats.layer}: statistics have width {stats.d_in}, the weight has {d_in}")
     dev = W.device
     P = Projector(U.to(dev, torch.float64), cfg.projector_eps)
     n = stats.n

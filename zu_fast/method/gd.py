@@ -44,7 +44,7 @@ import torch
 from ..config import UnlearnConfig
 from ..errors import ZuFastError
 from ..stats.moments import LayerStats
-from .closed_form import w_times
+from .closed_form import check_layer_problem, w_times
 
 # Early stop: stop once the loss fell by less than DEFAULT_TOL (relative) over DEFAULT_WINDOW steps.
 # Chosen so that the results match the full-length dense reference within the tests' tolerance
@@ -241,15 +241,8 @@ def gd_update(
     trace           if given, the loss before each Adam step is appended (the reference's loss curve)
     """
     t_start = time.perf_counter()
+    check_layer_problem(W, stats, K_f, R, U)
     d, d_in = W.shape
-    N = K_f.shape[1]
-    if K_f.shape[0] != d_in or R.shape != (d, N) or U.shape[0] != d:
-        raise ZuFastError(
-            f"layer {stats.layer}: shapes disagree: W {tuple(W.shape)}, K_f {tuple(K_f.shape)}, "
-            f"R {tuple(R.shape)}, U {tuple(U.shape)}"
-        )
-    if stats.d_in != d_in:
-        raise ZuFastError(f"layer {stats.layer}: statistics have width {stats.d_in}, the weight has {d_in}")
     precision = precision or _setting(cfg, "gd_precision", "fp32")
     if precision not in ("fp32", "fp64"):
         raise ZuFastError(f"gd precision {precision!r}; choose 'fp32' or 'fp64'")

@@ -44,8 +44,8 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
         lo = x.to(torch.float16)
         lo_f = lo.float()
         # neighbour on the other side of x
-        other = torch.where(lo_f > x, torch.nextafter(lo, torch.tensor(-float("inf"), dtype=torch.float16, device=x.device)),
-                            torch.nextafter(lo, torch.tensor(float("inf"), dtype=torch.float16, device=x.device)))
+        inf = torch.tensor(float("inf"), dtype=torch.float16, device=x.device)
+        other = torch.where(lo_f > x, torch.nextafter(lo, -inf), torch.nextafter(lo, inf))
         gap = (other.float() - lo_f).abs()
         p_other = torch.where(gap > 0, (x - lo_f).abs() / gap, torch.zeros_like(x))
         u = torch.rand(x.shape, device=x.device, generator=generator)

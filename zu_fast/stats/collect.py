@@ -276,7 +276,10 @@ class _Sketches:
 
     def report(self, tokens: int) -> dict[str, Any]:
         out = {}
-        snap, snap_tokens = (self.last, self.last_tokens) if self.last_tokens < tokens else (self.prev, self.prev_tokens)
+        if self.last_tokens < tokens:
+            snap, snap_tokens = self.last, self.last_tokens
+        else:
+            snap, snap_tokens = self.prev, self.prev_tokens
         for layer in self.acc:
             final = self._sketch(layer)
             prev = snap.get(layer)

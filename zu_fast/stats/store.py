@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..atomic import write_folder
 from ..errors import StaleStatsError, ZuFastError
 from .moments import LayerStats
 
@@ -38,31 +37,17 @@ def stats_key(meta: dict[str, Any]) -> str:
 
 def save_stats(path: str | Path, layers: dict[int, LayerStats], meta: dict[str, Any]) -> Path:
     """Write a cache entry atomically (a temp folder renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for layer, st in layers.items():
-        tensors[f"{layer}.kk"] = st.kk.detach().cpu().contiguous()
-        tensors[f"{layer}.ks"] = st.ks.detach().cpu().contiguous()
+        tensors[f"{layer}.kk"], tensors[f"{layer}.ks"] = st.kk, st.ks
         if st.vk is not None:
-            tensors[f"{layer}.vk"] = st.vk.detach().cpu().contiguous()
-            tensors[f"{layer}.vs"] = st.vs.detach().cpu().contiguous()
+            tensors[f"{layer}.vk"], tensors[f"{layer}.vs"] = st.vk, st.vs
     full_meta = {
         **meta,
         "format_version": FORMAT_VERSION,
         "layers": {str(layer): {"n": st.n, **st.info} for layer, st in layers.items()},
     }
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
-    try:
-        save_file(tensors, str(tmp / "stats.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return write_folder(path, "stats.safetensors", tensors, {"meta.json": full_meta})
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -73,7 +58,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         raise ZuFastError(f"{path} is not a zu_fast statistics folder (no meta.json)") from None
 
 
-def load_stats(path: str | Path, expect: dict[str, Any] | None = None, device=None) -> tuple[dict[int, LayerStats], dict]:
+def load_stats(
+    path: str | Path, expect: dict[str, Any] | None = None, device=None
+) -> tuple[dict[int, LayerStats], dict]:
     """Read a cache entry; with ``expect`` (fingerprints), refuse one that does not match."""
     path = Path(path)
     meta = read_meta(path)
