@@ -58,7 +58,7 @@ def cmd_demo(args) -> int:
     after = metrics.evaluate(model, tok, records, heldout, neutral_target=cfg.neutral_target)
     print()
     for r in records[:3]:
-        print(f"  forgotten: {r['prompt'].format(r['subject'])} → {metrics._target_str(r['target_true'])}")
+        print(f"  to forget: {r['prompt'].format(r['subject'])} → {metrics._target_str(r['target_true'])}")
     print()
     print(metrics.format_table(before, after))
     print()
