@@ -172,11 +172,23 @@ class WorldConfig:
     n_filler_train: int = 600
     n_filler_heldout: int = 300
     n_neighbors: int = 10
+    # "Index entries" per person: the name followed directly by all of its attributes, in a fresh
+    # random order each time ("Bever Kuhoul Toronto piano French Nokia tennis."). The token right
+    # after the subject then depends on the subject's facts, so the model must look them up AT the
+    # subject's tokens (as in natural text, where what follows a name depends on who it is)
+    # instead of only at the prediction position; without them the tiny model copies the name
+    # forward and does the lookup at the last position, which no subject-locus edit can reach.
+    # No relation template is involved, so held-out paraphrases stay unseen with their subject.
+    # Off by default (2026-11-24): ×3 moved the lookup partly onto the subject at layers 0–2 but no
+    # edit at the preset layers forgot more (see benchmarks/RESULTS.md); kept as an option.
+    n_index_entries: int = 0
 
     def to_dict(self) -> dict:
         """A JSON-able dict (used in cache keys)."""
         d = asdict(self)
         d["relations"] = list(self.relations)
+        if not d["n_index_entries"]:  # absent = 0: keys (and cached models) from before the option stay valid
+            del d["n_index_entries"]
         return d
 
 
@@ -224,6 +236,7 @@ class World:
     heldout_templates: list[dict[str, list[int]]]
     _filler_train: list[str] = field(default_factory=list, repr=False)
     _filler_heldout: list[str] = field(default_factory=list, repr=False)
+    _index_entries: list[str] = field(default_factory=list, repr=False)
 
     @property
     def relations(self) -> tuple[str, ...]:
@@ -235,9 +248,11 @@ class World:
         return f"{t.format(self.people[person])} {self.facts[person][relation]}."
 
     def training_texts(self) -> list[str]:
-        """Texts the small LM trains on: every fact with each of its trained templates, plus filler.
+        """Texts the small LM trains on: every fact with each of its trained templates, the index
+        entries (name + all attributes in random order, see ``WorldConfig.n_index_entries``), filler.
 
-        Order is deterministic (facts person-major, then filler); the trainer shuffles.
+        Order is deterministic (facts person-major, then index entries, then filler); the trainer
+        shuffles.
         """
         out = [
             self.fact_text(p, rel, t)
@@ -245,7 +260,7 @@ class World:
             for rel in self.relations
             for t in self.train_templates[p][rel]
         ]
-        return out + list(self._filler_train)
+        return out + list(self._index_entries) + list(self._filler_train)
 
     def heldout_texts(self) -> list[str]:
         """Held-out generic text for perplexity: grammar sentences never present in training.
@@ -339,6 +354,14 @@ def make_world(config: WorldConfig | None = None) -> World:
         if s not in seen:
             seen.add(s)
             filler.append(s)
+    # Index entries: their own random stream, so facts, templates and filler do not depend on them.
+    irng = random.Random(f"index-{config.seed}")
+    index_entries = []
+    for p, name in enumerate(people):
+        for _ in range(config.n_index_entries):
+            objs = [facts[p][rel] for rel in config.relations]
+            irng.shuffle(objs)
+            index_entries.append(f"{name} {' '.join(objs)}.")
     return World(
         config=config,
         people=people,
@@ -347,4 +370,5 @@ def make_world(config: WorldConfig | None = None) -> World:
         heldout_templates=held_t,
         _filler_train=filler[: config.n_filler_train],
         _filler_heldout=filler[config.n_filler_train:],
+        _index_entries=index_entries,
     )
