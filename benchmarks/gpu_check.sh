@@ -36,6 +36,7 @@ has sanitizer && run racecheck compute-sanitizer --tool racecheck --error-exitco
 has cov && run cov_table $PY benchmarks/cov_table.py --reps 5
 has cov && run cov_bench $PY -m pytest benchmarks/bench_cov_accumulate.py --benchmark-only -q \
   --benchmark-json "$OUT/cov_bench.json"
+has cov && run stats_overhead bash -c "cd benchmarks && $PY stats_overhead.py --shape llama-3.1-8b"
 has update && run update_table $PY benchmarks/update_table.py
 has closed && run closed_bench $PY -m pytest benchmarks/bench_closed_form.py --benchmark-only -q \
   --benchmark-json "$OUT/closed_bench.json"
@@ -45,7 +46,7 @@ has gd && [ -f benchmarks/gd_speed.py ] && run gd_speed $PY benchmarks/gd_speed.
 has 70b && [ -f benchmarks/edit_70b.py ] && run edit_70b $PY benchmarks/edit_70b.py --json "$OUT/edit_70b.json"
 
 echo
-for f in cov_table update_table e2e_1b e2e_8b gd_speed edit_70b; do
+for f in cov_table stats_overhead update_table e2e_1b e2e_8b gd_speed edit_70b; do
   [ -f "$OUT/$f.log" ] && { echo "----- $f"; tail -n 30 "$OUT/$f.log"; }
 done
 exit $status

@@ -1,0 +1,81 @@
+"""Statistics cost vs a plain truncated forward over the same corpus (issue target: ≤ 1.15×).
+
+    python benchmarks/stats_overhead.py --shape llama-3.1-8b      # GPU, bf16, 3 edited layers
+    python benchmarks/stats_overhead.py --shape tiny --texts 200  # CPU smoke run
+
+Both runs use the same token-budget batches and stop after the deepest edited module; the
+baseline has no hooks (it only runs the forward), the statistics run accumulates Σkkᵀ, Σk, n for
+every edited layer with the chosen ``cov_accumulate`` backend (``ZU_FAST_BACKEND`` to force one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from e2e_unlearn import SHAPES, build  # a sibling script: run from benchmarks/
+
+import zu_fast
+from zu_fast import ops
+from zu_fast.model import StopForward, edit_targets, padded_batch
+from zu_fast.stats.collect import _batches
+
+
+def truncated_forward_seconds(model, tok, texts, cfg, device) -> tuple[float, int]:
+    deepest = edit_targets(model, cfg)[-1].module
+
+    def stop(module, args, output):
+        raise StopForward
+
+    handle = deepest.register_forward_hook(stop)
+    tokens = 0
+    try:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for ids in _batches(tok, texts, cfg.stats_max_length, cfg.stats_batch_tokens):
+                try:
+                    model(**padded_batch(tok, ids, device), use_cache=False)
+                except StopForward:
+                    pass
+                tokens += sum(len(x) for x in ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, tokens
+    finally:
+        handle.remove()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--texts", type=int, default=2000)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tok, world, layers = build(args.shape, device, dtype)
+    cfg = zu_fast.UnlearnConfig.for_model(model, layers=layers, progress=False, stats_batch_tokens=args.batch_tokens)
+    texts = (world.training_texts() * 4)[: args.texts]
+    truncated_forward_seconds(model, tok, texts[:50], cfg, device)  # warm-up
+    zu_fast.collect_stats(model, tok, texts[:50], cfg, cache=False)
+    fwd, tokens = truncated_forward_seconds(model, tok, texts, cfg, device)
+    t0 = time.perf_counter()
+    stats = zu_fast.collect_stats(model, tok, texts, cfg, cache=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    st = time.perf_counter() - t0
+    backend = ops.choose("cov_accumulate", device).name
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"{args.shape} on {name}, layers {layers}, {tokens} tokens, cov_accumulate backend {backend}")
+    print("| run | seconds | tokens/s |\n|---|---:|---:|")
+    print(f"| truncated forward | {fwd:.3f} | {tokens / fwd:.4g} |")
+    print(f"| statistics ({len(layers)} layers) | {st:.3f} | {stats[layers[0]].n / st:.4g} |")
+    print(f"ratio statistics / truncated forward: {st / fwd:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
