@@ -18,7 +18,7 @@ from e2e_unlearn import SHAPES, build  # a sibling script: run from benchmarks/
 
 import zu_fast
 from zu_fast import ops
-from zu_fast.model import StopForward, edit_targets, padded_batch
+from zu_fast.model import StopForward, edit_targets, forward_until, padded_batch
 from zu_fast.stats.collect import _batches
 
 
@@ -36,10 +36,7 @@ def truncated_forward_seconds(model, tok, texts, cfg, device) -> tuple[float, in
         t0 = time.perf_counter()
         with torch.no_grad():
             for ids in _batches(tok, texts, cfg.stats_max_length, cfg.stats_batch_tokens):
-                try:
-                    model(**padded_batch(tok, ids, device), use_cache=False)
-                except StopForward:
-                    pass
+                forward_until(model, padded_batch(tok, ids, device))
                 tokens += sum(len(x) for x in ids)
         if device == "cuda":
             torch.cuda.synchronize()

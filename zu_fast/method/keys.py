@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import UnlearnConfig
-from ..model import Capture, EditTarget, StopForward, model_device, padded_batch, subject_spans
+from ..model import Capture, EditTarget, forward_until, model_device, padded_batch, subject_spans
 from ..requests import UnlearnRequest
 
 
@@ -61,10 +61,7 @@ def read_at_subject(
         batch = padded_batch(tok, ids, device)
         outs = [z_name] if read_z else []
         with Capture(model, inputs=list(names.values()), outputs=list(names.values()) + outs, stop_after=stop) as cap:
-            try:
-                model(**batch, use_cache=False)
-            except StopForward:
-                pass
+            forward_until(model, batch)
         rows = torch.arange(len(chunk))
         pos = torch.tensor(idx)
         req = torch.tensor([i for i, _ in chunk])

@@ -26,7 +26,16 @@ from tqdm.auto import tqdm
 
 from ..config import UnlearnConfig
 from ..errors import ZuFastError
-from ..model import Capture, StopForward, get_module, inject_at_layer, model_device, padded_batch, subject_spans
+from ..model import (
+    Capture,
+    StopForward,
+    forward_until,
+    get_module,
+    inject_at_layer,
+    model_device,
+    padded_batch,
+    subject_spans,
+)
 from ..requests import UnlearnRequest
 
 
@@ -159,10 +168,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
     with frozen_params(model):
         # ---- one clean pass up to the layer: its output is fixed for the whole optimisation
         with torch.no_grad(), Capture(model, outputs=[layer_name], stop_after=layer_name) as cap:
-            try:
-                model(**batch, use_cache=False)
-            except StopForward:
-                pass
+            forward_until(model, batch)
         base = cap.outputs[layer_name]  # [S, T, d]
         tuple_len = cap.output_tuple_len[layer_name]
         all_seq = torch.arange(len(ids), device=device)
@@ -185,10 +191,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         def forward(skip_below: bool) -> tuple[torch.Tensor, torch.Tensor]:
             with inject_at_layer(model, cfg.layer_module_tmp, layer, base, add_fn, tuple_len, skip_below), \
                     _HeadInput(model, cfg.lm_head_module) as head:
-                try:
-                    model(**batch, use_cache=False)
-                except StopForward:
-                    pass
+                forward_until(model, batch)
                 if head.hidden is None:
                     raise ZuFastError(f"LM head {cfg.lm_head_module!r} was not called by the forward")
                 logp_t = torch.log_softmax(head.logits_at(tgt_seq, tgt_pos), -1)  # [P, vocab]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -50,8 +51,6 @@ def context_templates(model, tok, cfg: UnlearnConfig, cache: bool = True) -> lis
         "length": cfg.context_template_length,
         "seed": cfg.context_template_seed,
     }, sort_keys=True)
-    import hashlib
-
     path = cache_root() / "context_templates" / (hashlib.sha256(key_src.encode()).hexdigest()[:24] + ".json")
     if cache and path.exists():
         return json.loads(path.read_text())

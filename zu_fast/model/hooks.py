@@ -52,9 +52,8 @@ class Capture:
         self._handles: list[Any] = []
 
     def __enter__(self) -> Capture:
-        for name in dict.fromkeys(self.input_names + self.output_names + ([self.stop_after] or [])):
-            if name is None:
-                continue
+        stop = [self.stop_after] if self.stop_after else []
+        for name in dict.fromkeys(self.input_names + self.output_names + stop):
             mod = get_module(self.model, name)
             self._handles.append(mod.register_forward_hook(self._hook(name), with_kwargs=True))
         return self
@@ -85,15 +84,16 @@ class Capture:
         self._handles.clear()
 
 
-def forward_until(model: nn.Module, batch: dict[str, torch.Tensor], stop_after: str | None) -> Any:
-    """Run ``model(**batch)`` (use_cache off), ending right after module ``stop_after`` if given.
+def forward_until(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool:
+    """Run ``model(**batch)`` (use_cache off); True when a hook ended it early with StopForward.
 
-    Hooks that raise StopForward must be registered by the caller (Capture(stop_after=...)).
+    The hooks that raise StopForward are the caller's (Capture(stop_after=...), a stats hook, ...).
     """
     try:
-        return model(**batch, use_cache=False)
+        model(**batch, use_cache=False)
     except StopForward:
-        return None
+        return True
+    return False
 
 
 class _Passthrough(nn.Module):

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..config import UnlearnConfig
 from ..errors import StaleStatsError, ZuFastError
-from ..model import StopForward, edit_targets, model_device, model_fingerprint, padded_batch
+from ..model import StopForward, edit_targets, forward_until, model_device, model_fingerprint, padded_batch
 from . import distributed as dist_stats
 from .corpus import corpus_fingerprint, read_corpus
 from .moments import LayerStats, finalize, new_layer_stats
@@ -123,8 +123,7 @@ def collect_stats(
         hit = dist_stats.broadcast_flag(hit)
     if hit:
         layers, full_meta = load_stats(path, expect=meta)
-        return CorpusStats({k: v.to(t.device) for t in targets for k, v in layers.items() if k == t.layer},
-                           full_meta, path)
+        return CorpusStats({t.layer: layers[t.layer].to(t.device) for t in targets}, full_meta, path)
 
     if distributed:
         layers, info = _collect(model, tok, dist_stats.shard(texts, rank, world), cfg, targets,
@@ -202,11 +201,7 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
                 break
             batch = padded_batch(tok, ids, device)
             current_mask[0] = batch["attention_mask"].bool()
-            try:
-                model(**batch, use_cache=False)
-            except StopForward:
-                pass
-            else:  # the deepest hook always raises: reaching here means it never ran
+            if not forward_until(model, batch):  # the deepest hook always stops it: it never ran
                 raise ZuFastError(f"module {deepest.name!r} was not called during the forward pass")
             n_tok = sum(len(x) for x in ids)
             tokens += n_tok
