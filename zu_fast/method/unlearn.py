@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,19 +29,16 @@ class _Clock:
         for i in self.cuda:
             torch.cuda.reset_peak_memory_stats(i)
 
-    def phase(self, name: str):
-        clock = self
-
-        class _P:
-            def __enter__(self):
-                clock._sync()
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                clock._sync()
-                clock.timings[name] = clock.timings.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _P()
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Add the wall time of the block (device work included) to ``timings[name]``."""
+        self._sync()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     def _sync(self) -> None:
         for i in self.cuda:
