@@ -78,8 +78,9 @@ def unlearn(
         st.check()
     neutral = continuation_ids(tok, cfg.neutral_target)
     true_ids = [continuation_ids(tok, r.target_true) for r in reqs]
-    if cfg.method == "gd":
-        from .gd import gd_update  # noqa: F401  (imported here: fails early if unavailable)
+    gd_update = None
+    if cfg.method == "gd":  # imported before any change to the model
+        from .gd import gd_update
 
     clock = _Clock({t.device for t in targets})
     edit = Edit(cfg, kind="additive" if cfg.method == "gd" else "multiplicative")
@@ -121,9 +122,7 @@ def unlearn(
             h = readings.z_out.to(z.device)  # [N, d]
             resid = ((z - h) / (m - j)).t().to(t.device)  # [d, N]
             with clock.phase("solve"):
-                if cfg.method == "gd":
-                    from .gd import gd_update
-
+                if gd_update is not None:
                     factor, info = gd_update(t.weight, stats[t.layer], K, resid, bases[t.layer], cfg, bias=t.bias)
                 else:
                     factor = multiplier(t.weight, stats[t.layer], K, resid, bases[t.layer], cfg, bias=t.bias)
