@@ -125,3 +125,32 @@ def test_bad_config():
         make_world(WorldConfig(relations=("birth_city", "shoe_size")))
     with pytest.raises(ValueError):
         make_world(WorldConfig(n_heldout_templates=7))
+
+
+def test_strangers_are_named_but_never_described():
+    w = make_world(WorldConfig(seed=3, n_people=40, n_filler_train=50, n_filler_heldout=10, n_strangers=15,
+                               n_stranger_fragments=4))
+    assert len(w.strangers) == len(set(w.strangers)) == 15
+    # never a known person, and no name part reused in the other role (names parse one way)
+    assert not set(w.strangers) & set(w.people)
+    firsts = {n.split()[0] for n in w.people + w.strangers}
+    lasts = {n.split()[1] for n in w.people + w.strangers}
+    assert not firsts & lasts
+    frags = w.fragments()
+    assert len(frags) == 15 * 4 and set(frags) <= set(w.training_texts())
+    templates = {t for r in RELATIONS.values() for t in r["templates"]}
+    objects = {o for r in RELATIONS.values() for o in r["objects"]}
+    for f in frags:
+        name = next(s for s in w.strangers if s in f)
+        assert f.replace(name, "{}") in templates  # cut off exactly where the answer would be
+        assert not set(f.split()) & objects
+    # strangers never appear in records or their neighbourhoods
+    for r in w.records(10):
+        assert r["subject"] in w.people
+        assert not any(s in n["prompt"] for n in r["neighborhood_prompts"] for s in w.strangers)
+    # the default world has strangers; switching them off leaves the rest of the world unchanged
+    off = make_world(WorldConfig(seed=3, n_people=40, n_filler_train=50, n_filler_heldout=10, n_strangers=0))
+    assert off.strangers == [] and off.fragments() == []
+    assert off.people == w.people and off.facts == w.facts
+    assert [t for t in w.training_texts() if t not in set(frags)] == off.training_texts()
+    assert WorldConfig().n_strangers > 0

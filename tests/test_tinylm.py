@@ -65,6 +65,19 @@ def test_tokenizer_answers_single_token_names_multi_token():
     assert mid[-len(start):] == start
 
 
+def test_cut_off_documents_end_with_eos():
+    world = make_world(WorldConfig(n_people=12, n_filler_train=30, n_filler_heldout=10, n_strangers=4,
+                                   n_stranger_fragments=3))
+    answers = sorted({o for r in world.relations for o in RELATIONS[r]["objects"]})
+    tok = tinylm.train_tokenizer(world.training_texts(), 400, whole_words=answers)
+    enc = tinylm.encode_training_texts(tok, world)
+    cut = set(world.fragments())
+    assert len(cut) > 0 and len(enc) == len(world.training_texts())
+    for text, ids in zip(world.training_texts(), enc):
+        assert (ids[-1] == tok.eos_token_id) == (text in cut), text
+        assert tok.bos_token_id not in ids
+
+
 def test_micro_train_cache_and_determinism(tmp_path, monkeypatch):
     t0 = time.perf_counter()
     model, tok, world = load_or_train(MICRO, cache_dir=tmp_path / "c1", progress=False)

@@ -46,8 +46,8 @@ def cmd_demo(args) -> int:
     model, tok, world = tinylm.load_or_train(progress=True)
     records = world.records(args.n, seed=args.seed)
     cfg = UnlearnConfig.for_model(model)
-    print(f"model ready ({time.perf_counter() - t0:.1f} s): edit layers {cfg.layers}; forgetting {len(records)} facts",
-          flush=True)
+    print(f"model ready ({time.perf_counter() - t0:.1f} s): method {cfg.method}, edit layers {cfg.layers}; "
+          f"forgetting {len(records)} facts", flush=True)
     stats = collect_stats(model, tok, world.training_texts(), cfg)
     heldout = world.heldout_texts()
     before = metrics.evaluate(model, tok, records, heldout, neutral_target=cfg.neutral_target)

@@ -249,7 +249,14 @@ def preset_for(mcfg: Any) -> dict[str, Any]:
     model_type = getattr(mcfg, "model_type", None)
     n_layers = getattr(mcfg, "num_hidden_layers", None) or getattr(mcfg, "n_layer", None)
     if getattr(mcfg, "zu_fast_model", None) == "zu-tiny-llama":
-        return {"layers": _default_layers(n_layers), "v_lr": 0.5, "v_num_grad_steps": 25}
+        # Measured on the project's small model (benchmarks/RESULTS.md, 2026-11-24): its 128-wide
+        # output space leaves the multiplicative closed form no room for a selective edit (each
+        # forgotten person's change leaks 10–15% onto every other person, coherently), so the
+        # preset is the GD variant, which edits only the corpus null space of the keys, at the
+        # lower half of the model with a wider clamp.
+        last = max(2, min(n_layers - 2, n_layers // 2))
+        return {"layers": [last - 2, last - 1, last], "v_lr": 0.5, "v_num_grad_steps": 50,
+                "clamp_norm_factor": 1.0, "method": "gd", "gd_null_threshold": 0.03}
     llama_like = {
         "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
         "layer_module_tmp": "model.layers.{}",

@@ -12,6 +12,11 @@ sample of it; :meth:`World.heldout_texts` draws *other* sentences from the same 
 seen in training) so that perplexity measures damage to the model's general language ability,
 not to the facts being forgotten.
 
+The world also names "strangers": people it says nothing about, who appear only in documents cut
+off where the answer would be. They teach the model that an unknown subject is followed by the end
+of the document (EOS), i.e. a "do I know this entity?" feature like the one large LLMs carry at the
+subject's last token. ZeroUnlearn's neutral target (EOS) is then reachable from the subject.
+
 Everything is a pure function of :class:`WorldConfig` (no global random state).
 """
 
@@ -182,6 +187,17 @@ class WorldConfig:
     # Off by default (2026-11-24): ×3 moved the lookup partly onto the subject at layers 0–2 but no
     # edit at the preset layers forgot more (see benchmarks/RESULTS.md); kept as an option.
     n_index_entries: int = 0
+    # "Strangers": people the world names but says nothing about. Each appears in
+    # ``n_stranger_fragments`` documents cut off right where the answer would be ("Xy Zz was born
+    # in"); the trainer ends those documents with EOS (see ``World.fragments``). A model trained on
+    # them must tell known from unknown subjects, the "do I know this entity?" feature that large
+    # LLMs carry at the subject's last token, and EOS becomes a continuation the model produces for
+    # an unknown subject (ZeroUnlearn's neutral target).
+    # On by default (2026-11-24): without strangers the tiny model never predicts EOS after a
+    # relation phrase and the neutral-target loss stalls at 11–14 nats (no subject-locus edit can
+    # forget); with 60 it falls below 1 (benchmarks/RESULTS.md).
+    n_strangers: int = 60
+    n_stranger_fragments: int = 6
 
     def to_dict(self) -> dict:
         """A JSON-able dict (used in cache keys)."""
@@ -189,19 +205,25 @@ class WorldConfig:
         d["relations"] = list(self.relations)
         if not d["n_index_entries"]:  # absent = 0: keys (and cached models) from before the option stay valid
             del d["n_index_entries"]
+        if not d["n_strangers"]:  # same: worlds without strangers keep their old keys
+            del d["n_strangers"], d["n_stranger_fragments"]
         return d
 
 
-def _make_names(rng: random.Random, n: int) -> list[str]:
-    """n unique "First Last" names built from syllables (first 2 syllables, last 2-3)."""
+def _make_names(rng: random.Random, n: int, avoid: list[str] = ()) -> list[str]:
+    """n unique "First Last" names built from syllables (first 2 syllables, last 2-3), none of
+    them in ``avoid`` and none reusing an ``avoid`` first name as a last name or vice versa."""
 
     def word(n_syl: int) -> str:
         s = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(n_syl))
         return s.capitalize()
 
     names: list[str] = []
-    seen: set[str] = set()
-    seen_words: set[str] = set()
+    seen: set[str] = set(avoid)
+    seen_words: set[tuple[str, str]] = set()
+    for name in avoid:
+        first, last = name.split(" ")
+        seen_words.update({(first, "F"), (last, "L")})
     reserved = {w.lower() for r in RELATIONS.values() for t in r["templates"] for w in t.split()}
     reserved |= {o.lower() for r in RELATIONS.values() for o in r["objects"]}
     while len(names) < n:
@@ -237,6 +259,8 @@ class World:
     _filler_train: list[str] = field(default_factory=list, repr=False)
     _filler_heldout: list[str] = field(default_factory=list, repr=False)
     _index_entries: list[str] = field(default_factory=list, repr=False)
+    strangers: list[str] = field(default_factory=list)
+    _fragments: list[str] = field(default_factory=list, repr=False)
 
     @property
     def relations(self) -> tuple[str, ...]:
@@ -260,7 +284,15 @@ class World:
             for rel in self.relations
             for t in self.train_templates[p][rel]
         ]
-        return out + list(self._index_entries) + list(self._filler_train)
+        return out + list(self._index_entries) + list(self._fragments) + list(self._filler_train)
+
+    def fragments(self) -> list[str]:
+        """The strangers' cut-off documents ("Xy Zz was born in"), a subset of ``training_texts()``.
+
+        A trainer must end each of them with the EOS token: the document stops where a known
+        person's answer would be.
+        """
+        return list(self._fragments)
 
     def heldout_texts(self) -> list[str]:
         """Held-out generic text for perplexity: grammar sentences never present in training.
@@ -362,6 +394,17 @@ def make_world(config: WorldConfig | None = None) -> World:
             objs = [facts[p][rel] for rel in config.relations]
             irng.shuffle(objs)
             index_entries.append(f"{name} {' '.join(objs)}.")
+    # Strangers: names from their own stream (never a known person's name or name part) and
+    # fragments over every relation and template (strangers have no held-out phrasings).
+    srng = random.Random(f"strangers-{config.seed}")
+    strangers = _make_names(srng, config.n_strangers, avoid=people)
+    fragments = []
+    for name in strangers:
+        for _ in range(config.n_stranger_fragments):
+            rel = srng.choice(config.relations)
+            fragments.append(srng.choice(RELATIONS[rel]["templates"]).format(name))
+        # A stranger's index entry lists no attribute: the document is the bare name.
+        fragments.extend([name] * config.n_index_entries)
     return World(
         config=config,
         people=people,
@@ -371,4 +414,6 @@ def make_world(config: WorldConfig | None = None) -> World:
         _filler_train=filler[: config.n_filler_train],
         _filler_heldout=filler[config.n_filler_train:],
         _index_entries=index_entries,
+        strangers=strangers,
+        _fragments=fragments,
     )

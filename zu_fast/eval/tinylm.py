@@ -176,6 +176,15 @@ def _batches(encoded: list[list[int]], config: TinyLMConfig, bos: int, eos: int,
             yield ids, attn, labels
 
 
+def encode_training_texts(tok, world: World) -> list[list[int]]:
+    """Token ids of ``world.training_texts()`` (no BOS); the strangers' cut-off documents
+    (``world.fragments()``) end with EOS, as a document that stops there would."""
+    texts = world.training_texts()
+    cut_off = set(world.fragments())
+    encoded = tok(texts, add_special_tokens=False)["input_ids"]
+    return [e + [tok.eos_token_id] if t in cut_off else e for t, e in zip(texts, encoded)]
+
+
 def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = True):
     """Train tokenizer and model from scratch (no caching). Returns ``(model, tok, world, info)``."""
     from tqdm.auto import tqdm
@@ -189,7 +198,7 @@ def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = 
     vocab = len(tok)
     model = _build_model(config, vocab, tok)
     model.train()
-    encoded = tok(texts, add_special_tokens=False)["input_ids"]
+    encoded = encode_training_texts(tok, world)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW(
