@@ -8,7 +8,7 @@ trained with the ``tokenizers`` library on the world's text, wrapped as
 the start of a sentence and in the middle.
 
 The model is a ``transformers.LlamaForCausalLM`` (6 layers by default, so the method's usual
-"3 consecutive middle layers + z layer above" shape, e.g. edit [2, 3, 4], z at 4, exists).
+"3 consecutive layers + layers above z" shape exists: the preset edits [1, 2, 3], z at 3).
 ``model.config.zu_fast_model == "zu-tiny-llama"`` lets presets recognise it.
 
 Cache: ``$ZU_FAST_CACHE`` or ``$XDG_CACHE_HOME/zu_fast`` or ``~/.cache/zu_fast``, then
