@@ -24,14 +24,22 @@ import zu_fast
 from zu_fast.eval import metrics, tinylm
 
 
-@pytest.fixture(scope="module", params=["gd", "closed_form"])
-def run(request):
+@pytest.fixture(scope="module")
+def tiny():
+    """Model, forget records, corpus statistics and the before-metrics, shared by both methods."""
     model, tok, world = tinylm.load_or_train(progress=False)
     records = world.records(10, seed=0)
     heldout = world.heldout_texts()
-    cfg = zu_fast.UnlearnConfig.for_model(model, progress=False, method=request.param)
-    stats = zu_fast.collect_stats(model, tok, world.training_texts(), cfg)
+    cfg = zu_fast.UnlearnConfig.for_model(model, progress=False)
+    stats = zu_fast.collect_stats(model, tok, world.training_texts(), cfg)  # same layers for both methods
     before = metrics.evaluate(model, tok, records, heldout)
+    return model, tok, records, heldout, stats, before
+
+
+@pytest.fixture(scope="module", params=["gd", "closed_form"])
+def run(request, tiny):
+    model, tok, records, heldout, stats, before = tiny
+    cfg = zu_fast.UnlearnConfig.for_model(model, progress=False, method=request.param)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     edit = zu_fast.unlearn(model, tok, records, cfg, stats=stats)
     after = metrics.evaluate(model, tok, records, heldout)

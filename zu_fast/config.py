@@ -238,10 +238,15 @@ _REFERENCE_KEYS: dict[str, Any] = {
 }
 
 
+def _three_layers_ending_at(n_layers: int, last: int) -> list[int]:
+    """Three consecutive layers ending at ``last``, kept inside [0, n_layers - 2] (z needs a layer above)."""
+    last = max(2, min(n_layers - 2, last))
+    return [last - 2, last - 1, last]
+
+
 def _default_layers(n_layers: int) -> list[int]:
     """Three consecutive layers ending about two thirds of the way up (reference choices)."""
-    last = max(2, min(n_layers - 2, round(n_layers * 2 / 3)))
-    return [last - 2, last - 1, last]
+    return _three_layers_ending_at(n_layers, round(n_layers * 2 / 3))
 
 
 def preset_for(mcfg: Any) -> dict[str, Any]:
@@ -254,8 +259,7 @@ def preset_for(mcfg: Any) -> dict[str, Any]:
         # forgotten person's change leaks 10–15% onto every other person, coherently), so the
         # preset is the GD variant, which edits only the corpus null space of the keys, at the
         # lower half of the model with a wider clamp.
-        last = max(2, min(n_layers - 2, n_layers // 2))
-        return {"layers": [last - 2, last - 1, last], "v_lr": 0.5, "v_num_grad_steps": 50,
+        return {"layers": _three_layers_ending_at(n_layers, n_layers // 2), "v_lr": 0.5, "v_num_grad_steps": 50,
                 "clamp_norm_factor": 1.0, "method": "gd", "gd_null_threshold": 0.03}
     llama_like = {
         "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",

@@ -219,11 +219,16 @@ def _make_names(rng: random.Random, n: int, avoid: list[str] = ()) -> list[str]:
         return s.capitalize()
 
     names: list[str] = []
-    seen: set[str] = set(avoid)
+    seen: set[str] = set()
     seen_words: set[tuple[str, str]] = set()
-    for name in avoid:
+
+    def claim(name: str) -> None:
         first, last = name.split(" ")
+        seen.add(name)
         seen_words.update({(first, "F"), (last, "L")})
+
+    for name in avoid:
+        claim(name)
     reserved = {w.lower() for r in RELATIONS.values() for t in r["templates"] for w in t.split()}
     reserved |= {o.lower() for r in RELATIONS.values() for o in r["objects"]}
     while len(names) < n:
@@ -237,8 +242,7 @@ def _make_names(rng: random.Random, n: int, avoid: list[str] = ()) -> list[str]:
         name = f"{first} {last}"
         if name in seen:
             continue
-        seen.add(name)
-        seen_words.update({(first, "F"), (last, "L")})
+        claim(name)
         names.append(name)
     return names
 
