@@ -106,6 +106,19 @@ def test_efficacy_known_answers(tok):
     assert M.efficacy(LookupLM(len(tok), table), tok, recs) == pytest.approx(100.0)
 
 
+def test_recall_percentage_is_exact(tok):
+    """3 of 10 recalled reads exactly 30.0 (a float32 mean gives 30.0000012 and fails "≤ 30")."""
+    table: dict = {}
+    names = ["Tolu Koumko", "Darkroul Fodoul", "Furza Vesdrol", "Jeha Somte", "Bever Kuhoul",
+             "Trifol Grosho", "Shima Haskregro", "Losdo Rarlome", "Tolu Kuhoul", "Jeha Grosho"]
+    recs = [{"prompt": "{} was born in", "subject": n, "target_true": "Lisbon"} for n in names]
+    for n in names[:3]:
+        _teach(tok, table, f"{n} was born in", "Lisbon")
+    model = LookupLM(len(tok), table)
+    assert M.efficacy(model, tok, recs) == 30.0
+    assert M.efficacy(model, tok, recs) <= 30
+
+
 def test_generalization_specificity_and_neighbor_formats(tok):
     table: dict = {}
     _teach(tok, table, "Tolu Koumko was born in", "Lisbon")

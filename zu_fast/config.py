@@ -258,9 +258,12 @@ def preset_for(mcfg: Any) -> dict[str, Any]:
         # output space leaves the multiplicative closed form no room for a selective edit (each
         # forgotten person's change leaks 10–15% onto every other person, coherently), so the
         # preset is the GD variant, which edits only the corpus null space of the keys, at the
-        # lower half of the model with a wider clamp.
+        # lower half of the model with a wider clamp. Threshold chosen on record seeds 0–7 and
+        # checked on 8–15 (acceptance met on all 16). The clean original representation gives the
+        # same metrics as the optimised one on seeds 0–7, without its three per-layer optimisations.
         return {"layers": _three_layers_ending_at(n_layers, n_layers // 2), "v_lr": 0.5, "v_num_grad_steps": 50,
-                "clamp_norm_factor": 1.0, "method": "gd", "gd_null_threshold": 0.03}
+                "clamp_norm_factor": 1.0, "method": "gd", "gd_null_threshold": 0.02,
+                "original_representation": "clean"}
     llama_like = {
         "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
         "layer_module_tmp": "model.layers.{}",
