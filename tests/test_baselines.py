@@ -145,7 +145,8 @@ def test_harness_end_to_end_on_a_tiny_world(tmp_path, monkeypatch):
     old = torch.get_num_threads()
     try:
         rc = harness.main(["--methods", "gd,ga", "--n", "1,50", "--seeds", "0,1",
-                           "--out", str(out), "--gd-steps", "10", "--quiet", "--threads", "1"])
+                           "--out", str(out), "--gd-steps", "10", "--quiet", "--threads", "1",
+                           "--baseline-lr", "3e-3", "--baseline-epochs", "2"])
     finally:
         torch.set_num_threads(old)
     assert rc == 0
@@ -157,4 +158,9 @@ def test_harness_end_to_end_on_a_tiny_world(tmp_path, monkeypatch):
     assert base["seconds"] == 0.0 and base["perplexity"] > 1
     md = (out / "results.md").read_text()
     assert "| 1 | gd |" in md and "±" in md and "Skipped n=[50]" in md
+    # the baselines ran with the requested hyperparameters, and the table says so
+    assert res["meta"]["baseline_hparams"]["lr"] == 3e-3 and res["meta"]["baseline_hparams"]["epochs"] == 2
+    ga = [r for r in res["runs"] if r["method"] == "ga"]
+    assert all(r["report"]["hparams"]["lr"] == 3e-3 and r["report"]["hparams"]["epochs"] == 2 for r in ga)
+    assert "lr 0.003, 2 epochs" in md
     assert (out / "results.png").stat().st_size > 1000

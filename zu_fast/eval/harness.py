@@ -14,6 +14,7 @@ Corpus statistics are collected once on the world's training texts (``collect_st
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sample-size sweep: closed form vs GD, quality and time vs n (--n defaults to 10..max)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--gd-steps", type=int, default=None, help="override UnlearnConfig.gd_steps")
+    p.add_argument("--baseline-lr", type=float, default=None,
+                   help="AdamW learning rate of GA / NPO / FT (default: BaselineHParams.lr)")
+    p.add_argument("--baseline-epochs", type=int, default=None,
+                   help="passes over the forget set for GA / NPO / FT (default: BaselineHParams.epochs)")
     p.add_argument("--tinylm", default=None, metavar="JSON",
                    help="TinyLMConfig overrides for the small model as JSON, e.g. "
                         '\'{"steps": 500, "world": {"n_people": 120}}\' (default: the default small model)')
@@ -122,6 +127,10 @@ class _Runner:
         if args.gd_steps is not None:
             overrides["gd_steps"] = args.gd_steps
         self.cfg = zu_fast.UnlearnConfig.for_model(self.model, **overrides)
+        from zu_fast.eval.baselines import BaselineHParams
+
+        hp_over = {k: v for k, v in (("lr", args.baseline_lr), ("epochs", args.baseline_epochs)) if v is not None}
+        self.baseline_hparams = BaselineHParams(**hp_over)
         self.stats = zu_fast.collect_stats(self.model, self.tok, self.world.training_texts(), self.cfg)
         self.setup_seconds = time.perf_counter() - t0
         self.max_n = len(self.world.people) // 2
@@ -136,6 +145,7 @@ class _Runner:
             "stats_path": self.stats.path,
             "setup_seconds": round(self.setup_seconds, 2),
             "config": self.cfg.to_dict(),
+            "baseline_hparams": dataclasses.asdict(self.baseline_hparams),
         }
         try:
             self.meta["tinylm"] = tinylm.load_meta(self.tinylm_config)
@@ -161,7 +171,8 @@ class _Runner:
             edit = zu_fast.unlearn(self.model, self.tok, records, cfg, stats=self.stats)
             report = edit.report.to_dict()
         elif method != "base":
-            edit = baselines.run_baseline(method, self.model, self.tok, records, self.cfg, self.stats)
+            edit = baselines.run_baseline(method, self.model, self.tok, records, self.cfg, self.stats,
+                                          hparams=self.baseline_hparams)
             report = {k: v for k, v in edit.report.items() if k != "hparams"}
             report["hparams"] = edit.report.get("hparams")
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -310,7 +321,8 @@ def _write(out: Path, args, runner: _Runner, methods: list[str], ns: list[int], 
               f"statistics over {runner.meta['stats_tokens']:,} tokens. Device: {env['device']} "
               f"({env['cpu']}, {env['threads']} threads), torch {env['torch']}. Seeds {seeds}; mean ± std over "
               "seeds. Eff/Gen/Spe: % of prompts whose answer is still the teacher-forced argmax; time = wall "
-              "seconds of the unlearning call (evaluation excluded) on a shared machine.", ""]
+              "seconds of the unlearning call (evaluation excluded) on a shared machine. GA/NPO/FT: AdamW lr "
+              f"{runner.baseline_hparams.lr:g}, {runner.baseline_hparams.epochs} epochs.", ""]
     if skipped:
         header += [f"Skipped n={skipped}: the world has {len(runner.world.people)} people, so at most "
                    f"{runner.max_n} forget records.", ""]
