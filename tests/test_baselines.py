@@ -164,3 +164,26 @@ def test_harness_end_to_end_on_a_tiny_world(tmp_path, monkeypatch):
     assert all(r["report"]["hparams"]["lr"] == 3e-3 and r["report"]["hparams"]["epochs"] == 2 for r in ga)
     assert "lr 0.003, 2 epochs" in md
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_sweep_plot_keeps_one_colour_per_method(tmp_path, monkeypatch):
+    """The time panel leaves out base; the other methods must keep their colours there."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from zu_fast.eval import harness
+
+    figs = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **kw: figs.append(self))
+    keys = ["efficacy", "generalization", "specificity", "perplexity", "seconds"]
+    aggs = [{"method": m, "n": n, **{k: 1.0 + n for k in keys}, **{k + "_std": 0.1 for k in keys}}
+            for m in ("base", "gd", "zeroUnlearn") for n in (10, 20)]
+    harness.plot_sweep(aggs, tmp_path / "sweep.png")
+    (fig,) = figs
+    # errorbar() labels its container; the container's first line is the data line
+    colours = [{c.get_label(): to_hex(c.lines[0].get_color()) for c in ax.containers} for ax in fig.axes]
+    assert "base" not in colours[-1] and set(colours[0]) == {"base", "gd", "zeroUnlearn"}
+    for panel in colours:
+        for m, c in panel.items():
+            assert c == colours[0][m], (m, panel)

@@ -288,13 +288,16 @@ def plot_sweep(aggs: list[dict[str, Any]], path: Path) -> Path | None:
     panels = [("efficacy", "Efficacy % ↓"), ("generalization", "Generalization % ↓"),
               ("specificity", "Specificity % ↑"), ("perplexity", "PPL ↓"), ("seconds", "time s")]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    methods = sorted({a["method"] for a in aggs})
+    # one colour per method in every panel (the time panel leaves out base)
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}
     for ax, (key, title) in zip(axes, panels):
-        for m in sorted({a["method"] for a in aggs}):
+        for m in methods:
             if key == "seconds" and m == "base":
                 continue
             pts = sorted((a["n"], a[key], a[key + "_std"]) for a in aggs if a["method"] == m)
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
-                        label=m, capsize=2)
+                        label=m, capsize=2, color=colour[m])
         ax.set_xscale("log")
         ax.set_xlabel("forget records n")
         ax.set_title(title)
