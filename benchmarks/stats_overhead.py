@@ -18,19 +18,14 @@ from e2e_unlearn import SHAPES, build  # a sibling script: run from benchmarks/
 
 import zu_fast
 from zu_fast import ops
-from zu_fast.model import StopForward, edit_targets, forward_until, padded_batch
+from zu_fast.model import Capture, edit_targets, forward_until, padded_batch
 from zu_fast.stats.collect import _batches
 
 
 def truncated_forward_seconds(model, tok, texts, cfg, device) -> tuple[float, int]:
-    deepest = edit_targets(model, cfg)[-1].module
-
-    def stop(module, args, output):
-        raise StopForward
-
-    handle = deepest.register_forward_hook(stop)
     tokens = 0
-    try:
+    # nothing captured: the context only stops each forward after the deepest edited module
+    with Capture(model, stop_after=edit_targets(model, cfg)[-1].name):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -41,8 +36,6 @@ def truncated_forward_seconds(model, tok, texts, cfg, device) -> tuple[float, in
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0, tokens
-    finally:
-        handle.remove()
 
 
 def main(argv=None) -> int:

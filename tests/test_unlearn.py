@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import REQUESTS, corpus, gpt2, llama
+from tiny_models import REQUESTS, corpus, gpt2, llama, tokenizer
 
 import zu_fast
 from zu_fast import Edit, UnlearnConfig, UnlearnRequest, ZuFastError
@@ -87,6 +87,36 @@ def test_subject_not_found_in_prompt():
         UnlearnRequest.from_text("Alice was born in", "Bob", "Lisbon")
     r = UnlearnRequest.from_text("Alice {x} was born in", "Alice", "Lisbon")
     assert r.prompt == "{} {{x}} was born in" and r.text == "Alice {x} was born in"
+
+
+class _SlowTokenizer:
+    """A tokenizer without offsets (like a slow one): the prefix-length fallback is used."""
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, texts, **kw):
+        if kw.get("return_offsets_mapping"):
+            raise NotImplementedError
+        return self.tok(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+
+def test_subject_token_ranges_first_and_last():
+    from zu_fast.model import subject_spans, subject_token_ranges
+
+    tok = tokenizer()
+    templates = [r["prompt"] for r in REQUESTS] + ["{}", "In {} speaks"]
+    subjects = [r["subject"] for r in REQUESTS] + ["Dora Quill", "Evan Roe"]
+    ids, first, last = subject_token_ranges(tok, templates, subjects)
+    assert (ids, last) == subject_spans(tok, templates, subjects)
+    for s, x, a, b in zip(subjects, ids, first, last):
+        assert s in tok.decode(x[a : b + 1])  # the span covers the subject ...
+        assert s not in tok.decode(x[a + 1 : b + 1])  # ... and starts at its first token
+        assert x[0] == tok.bos_token_id and a >= 1
+    assert subject_token_ranges(_SlowTokenizer(tok), templates, subjects) == (ids, first, last)
 
 
 @pytest.mark.parametrize(

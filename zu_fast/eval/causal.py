@@ -17,19 +17,10 @@ from collections.abc import Sequence
 
 import torch
 
-from ..model.tokens import continuation_ids, padded_batch, subject_spans
+from ..config import UnlearnConfig
+from ..model import continuation_ids, get_module, model_device, padded_batch, subject_token_ranges
 
 __all__ = ["subject_locality"]
-
-
-def _layers(model):
-    inner = getattr(model, "model", None)
-    if inner is not None and hasattr(inner, "layers"):
-        return inner.layers
-    tr = getattr(model, "transformer", None)
-    if tr is not None and hasattr(tr, "h"):
-        return tr.h
-    raise ValueError("cannot find the model's decoder layers (model.model.layers / transformer.h)")
 
 
 @torch.no_grad()
@@ -42,6 +33,7 @@ def subject_locality(
     scale: float = 2.0,
     n_noise: int = 4,
     seed: int = 0,
+    layer_module_tmp: str | None = None,
 ) -> dict:
     """Mean p(true answer) clean vs. subject-span-perturbed vs. final-position-perturbed, per layer.
 
@@ -49,22 +41,17 @@ def subject_locality(
     Each prompt is noised ``n_noise`` times per layer and position set (fixed ``seed``).
     Returns ``{"clean": float, "layers": {l: {"subject": float, "final": float,
     "subject_drop": float, "final_drop": float}}}`` where drops are relative (1 - p/p_clean).
+    ``layer_module_tmp`` names the decoder layers (default: the model's preset, as in
+    :meth:`UnlearnConfig.for_model`).
     """
     templates = [r["prompt"] for r in records]
     subjects = [r["subject"] for r in records]
-    ids_list, last = subject_spans(tok, templates, subjects)
-    first = []
-    for s, ids, li in zip(subjects, ids_list, last):
-        # first subject token: the shortest prefix ending at `li` whose decoded text covers the subject
-        j = li
-        while j > 0 and s not in tok.decode(ids[j : li + 1]):
-            j -= 1
-        first.append(j)
+    ids_list, first, last = subject_token_ranges(tok, templates, subjects)
     answers = []
     for r in records:
         t = r["target_true"]
         answers.append(continuation_ids(tok, t["str"] if isinstance(t, dict) else t)[0])
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch = padded_batch(tok, ids_list, device)
     final = torch.tensor([len(x) - 1 for x in ids_list], device=device)
     rows = torch.arange(len(ids_list), device=device)
@@ -83,7 +70,7 @@ def subject_locality(
     model.eval()
     clean = p_answer()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    blocks = _layers(model)
+    tmp = layer_module_tmp or UnlearnConfig.for_model(model, progress=False).layer_module_tmp
     out: dict = {"clean": clean.mean().item(), "layers": {}}
     try:
         for layer in layers:
@@ -98,7 +85,7 @@ def subject_locality(
                         h = h + noise * mask.unsqueeze(-1).to(h)
                         return (h, *o[1:]) if isinstance(o, tuple) else h
 
-                    handle = blocks[layer].register_forward_hook(hook)
+                    handle = get_module(model, tmp.format(layer)).register_forward_hook(hook)
                     try:
                         ps.append(p_answer())
                     finally:

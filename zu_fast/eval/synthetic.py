@@ -23,6 +23,7 @@ Everything is a pure function of :class:`WorldConfig` (no global random state).
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 # ----------------------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ class WorldConfig:
         return d
 
 
-def _make_names(rng: random.Random, n: int, avoid: list[str] = ()) -> list[str]:
+def _make_names(rng: random.Random, n: int, avoid: Sequence[str] = ()) -> list[str]:
     """n unique "First Last" names built from syllables (first 2 syllables, last 2-3), none of
     them in ``avoid`` and none reusing an ``avoid`` first name as a last name or vice versa."""
 
@@ -277,10 +278,11 @@ class World:
 
     def training_texts(self) -> list[str]:
         """Texts the small LM trains on: every fact with each of its trained templates, the index
-        entries (name + all attributes in random order, see ``WorldConfig.n_index_entries``), filler.
+        entries (name + all attributes in random order, see ``WorldConfig.n_index_entries``), the
+        strangers' cut-off documents (:meth:`fragments`), filler.
 
-        Order is deterministic (facts person-major, then index entries, then filler); the trainer
-        shuffles.
+        Order is deterministic (facts person-major, then index entries, fragments, filler); the
+        trainer shuffles.
         """
         out = [
             self.fact_text(p, rel, t)

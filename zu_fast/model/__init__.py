@@ -3,7 +3,7 @@
 from .fingerprint import model_fingerprint, tensor_fingerprint
 from .hooks import Capture, StopForward, forward_until, inject_at_layer
 from .locate import EditTarget, edit_targets, get_module, layer_count, model_device
-from .tokens import continuation_ids, encode_prompts, padded_batch, subject_spans
+from .tokens import continuation_ids, encode_prompts, padded_batch, subject_spans, subject_token_ranges
 
 __all__ = [
     "Capture",
@@ -20,5 +20,6 @@ __all__ = [
     "model_fingerprint",
     "padded_batch",
     "subject_spans",
+    "subject_token_ranges",
     "tensor_fingerprint",
 ]

@@ -32,11 +32,13 @@ def encode_prompts(tok, texts: Sequence[str]) -> list[list[int]]:
     return [list(ids) for ids in tok(list(texts), add_special_tokens=True)["input_ids"]]
 
 
-def subject_spans(tok, templates: Sequence[str], subjects: Sequence[str], what: Sequence[str] | None = None):
-    """Token ids of ``template.format(subject)`` and the index of the subject's LAST token in each.
+def subject_token_ranges(tok, templates: Sequence[str], subjects: Sequence[str], what: Sequence[str] | None = None):
+    """Token ids of ``template.format(subject)`` and the indices of the subject's FIRST and LAST tokens.
 
-    Uses the fast tokenizer's offsets (robust to merges across the subject boundary); falls back to
-    the length of the tokenised prefix for slow tokenizers. ``what`` names each item in errors.
+    Uses the fast tokenizer's offsets (robust to merges across the subject boundary); a slow
+    tokenizer falls back to the length of the tokenised prefix (last) and to the shortest run of
+    tokens whose decoded text covers the subject (first). ``what`` names each item in errors.
+    Returns ``(ids_list, firsts, lasts)``.
     """
     texts, ends, starts = [], [], []
     for t, s in zip(templates, subjects):
@@ -50,22 +52,35 @@ def subject_spans(tok, templates: Sequence[str], subjects: Sequence[str], what: 
     except (NotImplementedError, ValueError, TypeError, KeyError):
         enc, offsets = tok(texts, add_special_tokens=True), None
     ids_list = [list(x) for x in enc["input_ids"]]
-    idxs = []
+    firsts, lasts = [], []
     for i, ids in enumerate(ids_list):
         a, b = starts[i], ends[i]
-        idx = -1
+        first = idx = -1
         if offsets is not None:
             for j, (s, e) in enumerate(offsets[i]):
                 if e > s and s < b and e > a:  # token overlaps the subject's characters
+                    first = j if first < 0 else first
                     idx = j
         else:
             prefix = tok(texts[i][:b], add_special_tokens=True)["input_ids"]
             idx = len(prefix) - 1
+            # the shortest run of tokens ending at the last one whose text covers the subject
+            first = idx
+            while first > 0 and subjects[i] not in tok.decode(ids[first : idx + 1]):
+                first -= 1
         if idx < 0 or idx >= len(ids):
             name = what[i] if what is not None else f"prompt {texts[i]!r}"
             raise ZuFastError(f"{name}: subject {subjects[i]!r} not found among the tokens of {texts[i]!r}")
-        idxs.append(idx)
-    return ids_list, idxs
+        firsts.append(first)
+        lasts.append(idx)
+    return ids_list, firsts, lasts
+
+
+def subject_spans(tok, templates: Sequence[str], subjects: Sequence[str], what: Sequence[str] | None = None):
+    """Token ids of ``template.format(subject)`` and the index of the subject's LAST token in each
+    (see :func:`subject_token_ranges`)."""
+    ids_list, _, lasts = subject_token_ranges(tok, templates, subjects, what)
+    return ids_list, lasts
 
 
 def continuation_ids(tok, text: str | None) -> list[int]:
