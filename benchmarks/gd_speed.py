@@ -8,8 +8,10 @@ Columns: reference time (full SVD of C + 500 Adam steps through a dense P_null, 
 zu_fast cold (eigendecomposition included), warm (eigenbasis cached — the case for every call after
 the first on a layer's statistics), and "full" (no early stop, i.e. the per-step speed-up alone);
 steps taken; final loss; relative difference of ΔW and of the forget outputs W'K_f against the
-reference. On CUDA at 8B shapes the reference runs only ``--gpu-steps`` steps and both are reported
-per step and extrapolated to gd_steps (the reference would take minutes).
+reference; and ``gd_variable="null"`` (Adam on the null-space coordinates: the same objective, not the
+same iterates) with its time, steps, final loss and forget-output difference. On CUDA at 8B shapes
+the reference runs only ``--gpu-steps`` steps and all are reported per step and extrapolated to
+gd_steps (the reference would take minutes).
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ def compare(name: str, W, st, K, R, U, cfg, bias=None, repeats: int = 1) -> dict
     gd_mod.eigh_of(cold)  # warm the cache on this object
     (dW, info), t_warm = best(lambda: gd_mod.gd_update(W, cold, K, R, U, cfg, bias=bias))
     (dW_full, info_full), t_full = best(lambda: gd_mod.gd_update(W, cold, K, R, U, cfg, bias=bias, tol=0.0))
+    # gd_variable="null": Adam on the null-space coordinates (a different trajectory of the same objective)
+    (dW_null, info_null), t_null = best(lambda: gd_mod.gd_update(W, cold, K, R, U, cfg.replace(gd_variable="null"),
+                                                                   bias=bias))
     Kd, Wd = K.double(), W.double()
     base = Wd @ Kd
     out_ref = (Wd + dW_ref) @ Kd  # forget outputs after the reference edit  [d, N]
@@ -84,6 +89,10 @@ def compare(name: str, W, st, K, R, U, cfg, bias=None, repeats: int = 1) -> dict
         "dW_rel": float((dW.double() - dW_ref).norm() / dW_ref.norm().clamp_min(1e-30)),
         "dW_full_rel": float((dW_full.double() - dW_ref).norm() / dW_ref.norm().clamp_min(1e-30)),
         "out_rel": rel_out(dW),
+        "null_var_s": t_null,
+        "null_var_steps": int(info_null["gd_steps"]),
+        "null_var_loss": info_null["gd_loss_final"],
+        "null_var_out_rel": rel_out(dW_null),
     }
 
 
@@ -117,7 +126,8 @@ def real_problems(n_records: int, seed: int = 0, tinylm_spec: str | None = None)
 def print_table(rows: list[dict], title: str) -> None:
     print(f"\n### {title}\n")
     cols = ["problem", "shape", "null_rank", "ref_s", "cold_s", "warm_s", "full_s", "speedup_cold", "speedup_warm",
-            "speedup_full", "steps", "loss_ref", "loss_fast", "dW_rel", "dW_full_rel", "out_rel"]
+            "speedup_full", "steps", "loss_ref", "loss_fast", "dW_rel", "dW_full_rel", "out_rel", "null_var_s",
+            "null_var_steps", "null_var_loss", "null_var_out_rel"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -125,7 +135,8 @@ def print_table(rows: list[dict], title: str) -> None:
         for c in cols:
             v = r[c]
             if isinstance(v, float):
-                cells.append(f"{v:.3g}" if c not in ("ref_s", "cold_s", "warm_s", "full_s") else f"{v:.3f}")
+                seconds = c in ("ref_s", "cold_s", "warm_s", "full_s", "null_var_s")
+                cells.append(f"{v:.3f}" if seconds else f"{v:.3g}")
             else:
                 cells.append(str(v))
         print("| " + " | ".join(cells) + " |")
@@ -172,9 +183,14 @@ def gpu_rows(steps: int, d: int = 4096, d_in: int = 14336, N: int = 50) -> list[
         _, info = gd_mod.gd_update(W, st, K, R, U, cfg, tol=0.0)
         _sync("cuda")
         t_fast = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        gd_mod.gd_update(W, st, K, R, U, cfg.replace(gd_variable="null"), tol=0.0)
+        _sync("cuda")
+        t_null = time.perf_counter() - t0
         full = UnlearnConfig().gd_steps
         rows.append({"shape": f"{d}x{d_in} N={N}", "null_rank": int(info["gd_null_rank"]),
                      "ref_ms_per_step": 1e3 * t_ref / steps, "fast_ms_per_step": 1e3 * t_fast / steps,
+                     "null_var_ms_per_step": 1e3 * t_null / steps,
                      "eigh_s": t_eig, "per_step_speedup": t_ref / t_fast,
                      f"ref_{full}_steps_s_est": t_ref / steps * full,
                      f"fast_{full}_steps_s_est": t_fast / steps * full})

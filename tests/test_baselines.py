@@ -11,7 +11,7 @@ import zu_fast
 from zu_fast.eval import baselines
 from zu_fast.eval.baselines import BaselineHParams, run_baseline
 from zu_fast.eval.metrics import encode_continuations, score_continuations
-from zu_fast.method.gd import null_basis
+from zu_fast.method.gd import null_basis, null_basis_for
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +24,20 @@ def setup():
     stats = zu_fast.collect_stats(model, tok, corpus(40), cfg, cache=False)
     yield model, tok, cfg, stats
     torch.set_num_threads(old)
+
+
+def test_alphaedit_follows_the_gd_null_space_rule(setup):
+    """With gd_null_energy set, AlphaEdit's projector is GD's (the same null space in a comparison)."""
+    model, tok, cfg, stats = setup
+    cfg_e = cfg.replace(gd_null_energy=0.05)
+    edit = run_baseline("alphaedit", model, tok, REQUESTS[:2], cfg_e, stats)
+    try:
+        for layer in (1, 2):
+            nb, _ = null_basis_for(stats[layer], cfg_e, dtype=torch.float64)
+            assert edit.report[f"null_rank_{layer}"] == nb.null_rank
+            assert nb.null_rank != null_basis(stats[layer], cfg.gd_null_threshold)[0].null_rank
+    finally:
+        edit.restore()
 
 
 def _mean_lp(model, tok, pairs):

@@ -33,7 +33,7 @@ def test_presets(model_type, n, layers, module):
 def test_tiny_model_preset():
     cfg = UnlearnConfig.for_model(_mcfg("llama", 6, zu_fast_model="zu-tiny-llama"))
     assert cfg.layers == [1, 2, 3] and cfg.z_layer == 3
-    assert cfg.method == "gd" and cfg.clamp_norm_factor == 1.0 and cfg.gd_null_threshold == 0.02
+    assert cfg.method == "gd" and cfg.clamp_norm_factor == 1.0 and cfg.gd_null_energy == 0.01
     assert cfg.original_representation == "clean"
     # an explicit choice still wins over the preset
     assert UnlearnConfig.for_model(_mcfg("llama", 6, zu_fast_model="zu-tiny-llama"), method="closed_form").method \

@@ -67,7 +67,4 @@ def test_acceptance_forgets_ten_facts(run):
         pytest.skip("the acceptance is for the preset (GD); the closed form is far from it here (module doc)")
     before, after = run["before"], run["after"]
     assert before["efficacy"] >= 90
-    assert after["efficacy"] <= 10
-    assert after["generalization"] <= 30
-    assert after["specificity"] >= before["specificity"] - 5
-    assert after["perplexity"] <= 1.10 * before["perplexity"]
+    assert metrics.acceptance_failures(before, after) == []

@@ -252,3 +252,14 @@ def test_tokenizer_without_pad_token(tok, tiny_llama):
 def test_bad_target():
     with pytest.raises(ValueError):
         M._target_str({"text": "x"})
+
+
+def test_acceptance_failures_bounds():
+    from zu_fast.eval.metrics import acceptance_failures
+
+    before = {"efficacy": 100.0, "generalization": 100.0, "specificity": 99.0, "perplexity": 3.0}
+    edge = {"efficacy": 10.0, "generalization": 30.0, "specificity": 94.0, "perplexity": 3.3}
+    assert acceptance_failures(before, edge) == []  # every bound is inclusive
+    bad = {"efficacy": 15.0, "generalization": 35.0, "specificity": 93.0, "perplexity": 3.31}
+    fails = acceptance_failures(before, bad)
+    assert len(fails) == 4 and fails[0].startswith("efficacy") and fails[3].startswith("perplexity")

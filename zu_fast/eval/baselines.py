@@ -24,7 +24,8 @@ the z layer, the same context templates), keys read at the subject's last token,
 residual spreading r = (z − h)/(m − j + 1), and the covariance C from the SAME statistics cache:
 - MEMIT-style: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹, λ = cfg.mom2_update_weight_wk (15000; MEMIT's value).
 - AlphaEdit: ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ with P the projector onto C's null space (eigenvalue
-  ≤ ``null_threshold``, default cfg.gd_null_threshold) and λ₂ = 10 (AlphaEdit's L2 for Llama3-8B);
+  ≤ ``null_threshold``; by default the same null space as ZeroUnlearn-GD: cfg.gd_null_energy if set,
+  else cfg.gd_null_threshold) and λ₂ = 10 (AlphaEdit's L2 for Llama3-8B);
   ΔW lies in the null space of C by construction (ΔW P = ΔW), so it leaves generic keys untouched.
 """
 
@@ -57,7 +58,7 @@ class BaselineHParams:
     train_params: str = "mlp"  # "mlp": gate/up/down of the edited layers; "down": only the edited module
     grad_clip: float = 1.0
     alphaedit_l2: float = 10.0
-    null_threshold: float | None = None  # AlphaEdit's null-space threshold; None: cfg.gd_null_threshold
+    null_threshold: float | None = None  # AlphaEdit's null-space threshold; None: GD's rule from the config
     seed: int = 0
 
 
@@ -215,7 +216,7 @@ def finetune_neutral(model, tok, requests, cfg: UnlearnConfig, stats=None, *,
 
 
 def _kv_edit(method: str, model, tok, requests, cfg: UnlearnConfig, stats, hp: BaselineHParams) -> BaselineEdit:
-    from ..method.gd import null_basis
+    from ..method.gd import null_basis, null_basis_for
     from ..method.keys import read_at_subject
     from ..method.targets import optimize_deltas
     from ..method.templates import context_templates
@@ -249,8 +250,10 @@ def _kv_edit(method: str, model, tok, requests, cfg: UnlearnConfig, stats, hp: B
                 X = torch.linalg.solve(A, K)  # [d_in, N]
                 dW = R @ X.t()  # R Kᵀ A⁻¹  [d, d_in]
             else:
-                thr = hp.null_threshold if hp.null_threshold is not None else cfg.gd_null_threshold
-                nb, _ = null_basis(st, thr, device=t.device, dtype=torch.float64)
+                if hp.null_threshold is not None:
+                    nb, _ = null_basis(st, hp.null_threshold, device=t.device, dtype=torch.float64)
+                else:  # the same null space as ZeroUnlearn-GD (gd_null_energy if set, else the threshold)
+                    nb, _ = null_basis_for(st, cfg, device=t.device, dtype=torch.float64)
                 P = nb.dense()  # [d_in, d_in]
                 A = P @ KKt + hp.alphaedit_l2 * torch.eye(K.shape[0], dtype=torch.float64, device=t.device)
                 X = torch.linalg.solve(A, P @ K @ R.t())  # [d_in, d]

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "acceptance_failures",
     "efficacy",
     "generalization",
     "specificity",
@@ -330,6 +331,24 @@ _ROWS = [
     ("ps", "PS: paraphrase (%) ↑"),
     ("ns", "NS: neighbours keep (%) ↑"),
 ]
+
+
+def acceptance_failures(before: dict, after: dict) -> list[str]:
+    """The small-model acceptance bar (issue 2) as a list of what failed (empty: met).
+
+    Efficacy ≤ 10, Generalization ≤ 30 (percent), Specificity at most 5 points below ``before``,
+    perplexity at most 10% above ``before``. Percentages are exact count ratios (``recall``), so
+    the bounds are compared without tolerance.
+    """
+    checks = [
+        (after["efficacy"] <= 10, f"efficacy {after['efficacy']:.1f} > 10"),
+        (after["generalization"] <= 30, f"generalization {after['generalization']:.1f} > 30"),
+        (after["specificity"] >= before["specificity"] - 5,
+         f"specificity {after['specificity']:.1f} < {before['specificity']:.1f} - 5"),
+        (after["perplexity"] <= 1.10 * before["perplexity"],
+         f"perplexity {after['perplexity']:.3f} > 1.1 × {before['perplexity']:.3f}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
 
 
 def format_table(before: dict, after: dict) -> str:

@@ -5,7 +5,8 @@ The objective (ALGORITHM.md "ZeroUnlearn-GD"), over Δ ∈ R^{d×d_in}:
     L(Δ) = w_o ‖Uᵀ O‖² + w_r ‖O − (V_f + R)‖² + w_n ‖Δ P‖²,     O = (W + Δ P) K_f (+ b)
 
 with P = P_null the orthogonal projector onto the eigenvectors of C (the corpus key second moment)
-whose eigenvalue is ≤ ``gd_null_threshold``; Adam (lr ``gd_lr``, ``gd_steps`` steps), Δ = 0 at the
+whose eigenvalue is ≤ ``gd_null_threshold`` (or, scale-free, the cheapest eigen-directions carrying at
+most ``gd_null_energy`` of tr C); Adam (lr ``gd_lr``, ``gd_steps`` steps), Δ = 0 at the
 start; the edit is ΔW = Δ P. O is the module's output on the forget keys (bias included, so that
 the remap term compares outputs with the target outputs V_f + R; the reference models have no bias).
 
@@ -28,6 +29,10 @@ from a full SVD of C) every step. This module computes the same iterates, faster
   the loss curve and ΔW with the float64 reference), ``precision="fp64"`` reproduces the reference to
   round-off.
 - Early stop when the loss decreased by less than ``tol`` (relative) over the last ``window`` steps.
+
+Those keep the reference's iterates, and so its per-step floor of two d·d_in·r products. The opt-in
+``gd_variable="null"`` optimises the edit's null-space coordinates X = Δ B_null [d, k] instead: the
+same objective and minimiser, a different (and far cheaper) trajectory; RESULTS.md compares the two.
 """
 
 from __future__ import annotations
@@ -171,22 +176,40 @@ def _save_eigh(path: Path, res: Eigh) -> None:
         warnings.warn(f"could not write the eigenbasis cache {path}: {e}", stacklevel=3)
 
 
+def null_rank(eigvals: torch.Tensor, threshold: float | None = None, *, energy: float | None = None) -> int:
+    """How many of C's (ascending) eigenvalues span P_null.
+
+    threshold: eigenvalues ≤ threshold (the reference's absolute rule; its scale is the corpus
+    keys' scale, so a value tuned on one model or corpus does not transfer).
+    energy: the longest prefix of eigen-directions whose eigenvalues sum to ≤ energy · tr C, i.e.
+    the corpus keys keep at most that fraction of their energy E‖k‖² in the edited subspace; unchanged
+    when the keys are rescaled. Takes precedence over ``threshold``.
+    """
+    if energy is not None:
+        lam = eigvals.to(torch.float64).clamp_min(0.0)  # round-off can leave tiny negatives
+        cum = torch.cumsum(lam, 0)  # ascending eigenvalues: the cheapest directions first
+        return int((cum <= float(energy) * float(cum[-1])).sum())
+    if threshold is None:
+        raise ZuFastError("null_rank needs a threshold or an energy fraction")
+    return int((eigvals <= threshold).sum())  # ascending, so the null space is a prefix
+
+
 def null_basis(
     stats: LayerStats,
-    threshold: float,
+    threshold: float | None = None,
     *,
+    energy: float | None = None,
     device=None,
     dtype: torch.dtype = torch.float32,
     form: str = "auto",
     disk_cache: bool | None = None,
 ) -> tuple[NullBasis, Eigh]:
-    """P_null (eigenvectors of C with eigenvalue ≤ threshold) in thin form, on ``device``.
+    """P_null in thin form, on ``device``: the eigenvectors of C selected by ``null_rank``.
 
     form: "null" (P = B Bᵀ), "complement" (P = I − B Bᵀ) or "auto" (whichever B is thinner).
     """
     e = eigh_of(stats, dtype=torch.float64 if dtype == torch.float64 else torch.float32, disk_cache=disk_cache)
-    null = e.eigvals <= threshold  # ascending, so the null space is a prefix
-    k = int(null.sum())
+    k = null_rank(e.eigvals, threshold, energy=energy)
     d_in = e.eigvals.numel()
     if form == "auto":
         form = "complement" if k > d_in - k else "null"
@@ -195,6 +218,11 @@ def null_basis(
     cols = e.eigvecs[:, :k] if form == "null" else e.eigvecs[:, k:]
     dev = device if device is not None else stats.kk.device
     return NullBasis(cols.to(dev, dtype).contiguous(), form == "complement", k, d_in), e
+
+
+def null_basis_for(stats: LayerStats, cfg: UnlearnConfig, **kw) -> tuple[NullBasis, Eigh]:
+    """``null_basis`` with the config's rule (``gd_null_energy`` if set, else ``gd_null_threshold``)."""
+    return null_basis(stats, cfg.gd_null_threshold, energy=getattr(cfg, "gd_null_energy", None), **kw)
 
 
 # --------------------------------------------------------------------------- the update ------
@@ -211,6 +239,64 @@ def _setting(cfg: UnlearnConfig, name: str, default):
     # gd_tol / gd_window / gd_precision may not exist on older configs: fall back to the defaults.
     v = getattr(cfg, name, None)
     return default if v is None else v
+
+
+class _Objective:
+    """The GD loss as a function of O's change MK = ΔW K_f [d, N] and ‖ΔW‖², and its gradient in O."""
+
+    def __init__(self, W, K_f, R, U, cfg, bias, dt) -> None:
+        dev = W.device
+        with torch.no_grad():
+            V = w_times(W.detach(), K_f.detach())  # V_f = W K_f in float64, chunked over W's columns  [d, N]
+            if bias is not None:
+                V = V + bias.detach().to(dev, torch.float64)[:, None]
+            self.Ud = U.detach().to(dev, dt)  # [d, r_u]
+            self.Rd = R.detach().to(dev, dt)  # [d, N]
+            self.UtV = self.Ud.t() @ V.to(dt)  # Uᵀ V_f: the orth term's constant part  [r_u, N]
+        self.w = (float(cfg.gd_orth_weight), float(cfg.gd_remap_weight), float(cfg.gd_norm_weight))
+
+    def terms(self, MK: torch.Tensor, norm: float):
+        """S = Uᵀ O [r_u, N], Rm = O − (V_f + R) [d, N], and the (orth, remap, norm) parts of the loss."""
+        S = self.UtV + self.Ud.t() @ MK
+        Rm = MK - self.Rd
+        return S, Rm, (float(S.pow(2).sum()), float(Rm.pow(2).sum()), norm)
+
+    def loss(self, parts: tuple[float, float, float]) -> float:
+        return sum(w * p for w, p in zip(self.w, parts))
+
+    def d_out(self, S: torch.Tensor, Rm: torch.Tensor) -> torch.Tensor:
+        """E = ∂L/∂O = 2 w_o U S + 2 w_r Rm  [d, N]."""
+        return (2.0 * self.w[0]) * (self.Ud @ S) + (2.0 * self.w[1]) * Rm
+
+
+class _Stopper:
+    """Loss log and stop rule shared by both variables: ``steps`` updates, or the relative decrease over
+    the last ``window`` steps fell below ``tol``; a non-finite loss is an error."""
+
+    def __init__(self, steps: int, tol: float, window: int, trace: list[float] | None, layer) -> None:
+        self.steps, self.tol, self.window, self.trace, self.layer = steps, tol, window, trace, layer
+        self.losses: list[float] = []
+        self.converged = False
+
+    def stop(self, loss: float, step: int) -> bool:
+        if not math.isfinite(loss):
+            raise ZuFastError(f"layer {self.layer}: the GD loss is not finite at step {step}")
+        self.losses.append(loss)
+        if self.trace is not None:
+            self.trace.append(loss)
+        if step >= self.steps:
+            return True  # the loss of the final iterate (the reference's Δ after gd_steps updates)
+        if self.tol > 0 and self.window > 0 and len(self.losses) > self.window:
+            old = self.losses[-1 - self.window]
+            if old - loss <= self.tol * abs(old):
+                self.converged = True
+                return True
+        return False
+
+    def info(self, step: int, parts: tuple[float, float, float]) -> dict[str, float]:
+        return {"gd_steps": float(step), "gd_converged": float(self.converged),
+                "gd_loss_initial": self.losses[0], "gd_loss_final": self.losses[-1],
+                "gd_orth_final": parts[0], "gd_remap_final": parts[1], "gd_norm_final": parts[2]}
 
 
 def gd_update(
@@ -237,7 +323,8 @@ def gd_update(
     U    [d, r]     orthonormal basis of the original representations
     precision       "fp32" (default: config ``gd_precision`` or fp32) or "fp64" (reference round-off)
     tol, window     early stop: relative loss decrease < tol over ``window`` steps (tol=0: run all steps)
-    form            thin form of P_null: "auto", "null" or "complement" (same iterates; speed only)
+    form            thin form of P_null: "auto", "null" or "complement" (same iterates; speed only; the
+                    ``gd_variable="null"`` path always uses the null-space basis itself)
     trace           if given, the loss before each Adam step is appended (the reference's loss curve)
     """
     t_start = time.perf_counter()
@@ -250,36 +337,46 @@ def gd_update(
     tol = float(_setting(cfg, "gd_tol", DEFAULT_TOL) if tol is None else tol)
     window = int(_setting(cfg, "gd_window", DEFAULT_WINDOW) if window is None else window)
     steps = int(cfg.gd_steps)
-    w_o, w_r, w_n = float(cfg.gd_orth_weight), float(cfg.gd_remap_weight), float(cfg.gd_norm_weight)
+    w_n = float(cfg.gd_norm_weight)
     dev = W.device
+    variable = _setting(cfg, "gd_variable", "dense")
+    if variable not in ("dense", "null"):
+        raise ZuFastError(f"gd variable {variable!r}; choose 'dense' or 'null'")
 
     t_eig = time.perf_counter()
-    nb, eig = null_basis(stats, cfg.gd_null_threshold, device=dev, dtype=dt, form=form)
+    nb, eig = null_basis_for(stats, cfg, device=dev, dtype=dt, form="null" if variable == "null" else form)
     t_eig = time.perf_counter() - t_eig
+    k = nb.null_rank
     info: dict[str, float] = {
-        "gd_null_rank": float(nb.null_rank),
+        "gd_null_rank": float(k),
+        # the largest eigenvalue inside P_null and the corpus energy share it carries (either rule)
+        "gd_null_cut": float(eig.eigvals[k - 1]) if k else math.nan,
+        "gd_null_energy": float(eig.eigvals[:k].clamp_min(0).sum() / eig.eigvals.clamp_min(0).sum().clamp_min(1e-300)),
         "gd_basis_width": float(nb.B.shape[1]),
         "gd_eigh_seconds": float(eig.seconds),
         "gd_basis_seconds": float(t_eig),
     }
     if nb.null_rank == 0:
-        warnings.warn(
-            f"layer {stats.layer}: C has no eigenvalue ≤ gd_null_threshold={cfg.gd_null_threshold} "
-            f"(smallest {float(eig.eigvals[0]):.3g}): the GD edit is empty; raise gd_null_threshold",
-            stacklevel=2,
-        )
+        energy = getattr(cfg, "gd_null_energy", None)
+        rule = (f"gd_null_energy={energy} (smallest eigenvalue carries "
+                f"{float(eig.eigvals[0] / eig.eigvals.clamp_min(0).sum()):.3g} of tr C)" if energy is not None
+                else f"gd_null_threshold={cfg.gd_null_threshold} (smallest eigenvalue {float(eig.eigvals[0]):.3g})")
+        warnings.warn(f"layer {stats.layer}: the null space of C is empty under {rule}: the GD edit is empty; "
+                      "raise the setting", stacklevel=2)
         info.update({"gd_steps": 0.0, "gd_loss_initial": math.nan, "gd_loss_final": math.nan,
                      "gd_converged": 0.0, "gd_seconds": time.perf_counter() - t_start})
         return torch.zeros(d, d_in, dtype=torch.float32, device=dev), info
 
+    objective = _Objective(W, K_f, R, U, cfg, bias, dt)
+    stopper = _Stopper(steps, tol, window, trace, stats.layer)
+    if variable == "null":
+        dW, parts, step = _adam_in_null_coordinates(W, nb, K_f, objective, stopper, cfg, dt)
+        info.update(stopper.info(step, parts))
+        info["gd_seconds"] = time.perf_counter() - t_start
+        return dW, info
+
     with torch.no_grad():
         K = K_f.detach().to(dev, dt)  # [d_in, N]
-        V = w_times(W.detach(), K_f.detach())  # V_f = W K_f in float64, chunked over W's columns  [d, N]
-        if bias is not None:
-            V = V + bias.detach().to(dev, torch.float64)[:, None]
-        Ud = U.detach().to(dev, dt)  # [d, r_u]
-        Rd = R.detach().to(dev, dt)  # [d, N]
-        UtV = Ud.t() @ V.to(dt)  # Uᵀ V_f: the orth term's constant part  [r_u, N]
         B = nb.B  # [d_in, r]
         Bt = B.t().contiguous()  # [r, d_in]
         KP = nb.project(K)  # P K_f  [d_in, N]
@@ -291,8 +388,6 @@ def gd_update(
     delta = torch.zeros(d, d_in, dtype=dt, device=dev)  # [d, d_in]
     delta.grad = torch.zeros_like(delta)  # [d, d_in]
     opt = torch.optim.Adam([delta], lr=cfg.gd_lr, fused=_fused_ok(dev, dt))
-    losses: list[float] = []
-    converged = False
     step = 0
 
     with torch.no_grad():
@@ -306,24 +401,11 @@ def gd_update(
             else:  # P = BBᵀ
                 MK = T @ BtK  # Δ B Bᵀ K_f   [d, N]
                 norm = float(T.pow(2).sum())  # ‖ΔBBᵀ‖² = ‖ΔB‖²
-            S = UtV + Ud.t() @ MK  # Uᵀ O   [r_u, N]
-            Rm = MK - Rd  # O − (V_f + R)   [d, N]
-            orth, remap = float(S.pow(2).sum()), float(Rm.pow(2).sum())
-            loss = w_o * orth + w_r * remap + w_n * norm
-            if not math.isfinite(loss):
-                raise ZuFastError(f"layer {stats.layer}: the GD loss is not finite at step {step}")
-            losses.append(loss)
-            if trace is not None:
-                trace.append(loss)
-            if step >= steps:
-                break  # the loss of the final iterate (the reference's Δ after gd_steps updates)
-            if tol > 0 and window > 0 and len(losses) > window:
-                old = losses[-1 - window]
-                if old - loss <= tol * abs(old):
-                    converged = True
-                    break
+            S, Rm, parts = objective.terms(MK, norm)
+            if stopper.stop(objective.loss(parts), step):
+                break
             # ---- gradient: (E K_fᵀ + 2 w_n ΔP) P = E (P K_f)ᵀ + 2 w_n ΔP,  E = ∂L/∂O ----
-            E = (2.0 * w_o) * (Ud @ S) + (2.0 * w_r) * Rm  # [d, N]
+            E = objective.d_out(S, Rm)  # [d, N]
             g = delta.grad  # [d, d_in]
             if nb.complement:  # 2 w_n (Δ − T Bᵀ) + E KPᵀ
                 torch.mul(delta, 2.0 * w_n, out=g)
@@ -336,18 +418,41 @@ def gd_update(
             step += 1
         dW = delta.addmm(T, Bt, beta=1.0, alpha=-1.0) if nb.complement else T @ Bt  # Δ P  [d, d_in]
         dW = dW.float()
-        parts = (orth, remap, norm)
-    info.update({
-        "gd_steps": float(step),
-        "gd_converged": float(converged),
-        "gd_loss_initial": losses[0],
-        "gd_loss_final": losses[-1],
-        "gd_orth_final": parts[0],
-        "gd_remap_final": parts[1],
-        "gd_norm_final": parts[2],
-        "gd_seconds": time.perf_counter() - t_start,
-    })
+    info.update(stopper.info(step, parts))
+    info["gd_seconds"] = time.perf_counter() - t_start
     return dW, info
 
 
-__all__ = ["DEFAULT_TOL", "DEFAULT_WINDOW", "Eigh", "NullBasis", "eigh_of", "gd_update", "null_basis"]
+def _adam_in_null_coordinates(W, nb: NullBasis, K_f, objective: _Objective, stopper: _Stopper, cfg, dt):
+    """``gd_variable="null"``: Adam on X = Δ B_null  [d, k], the edit's coordinates in the null-space basis.
+
+    The objective is the same function of ΔW = X B_nullᵀ (‖ΔW‖ = ‖X‖, ΔW K_f = X (B_nullᵀ K_f)), so its
+    minimisers are the same; the trajectory is not the reference's (Adam is element-wise, hence not
+    rotation invariant) and after a fixed number of steps the edit differs (RESULTS.md). Per step
+    O(d·k·N) and Adam on d·k numbers instead of two d·d_in·r products and Adam on d·d_in.
+    Returns (ΔW [d, d_in] fp32, final loss parts, steps taken).
+    """
+    dev = W.device
+    w_n = objective.w[2]
+    with torch.no_grad():
+        BtK = nb.B.t() @ K_f.detach().to(dev, dt)  # B_nullᵀ K_f  [k, N]
+        BtKt = BtK.t().contiguous()  # [N, k]
+    X = torch.zeros(W.shape[0], nb.B.shape[1], dtype=dt, device=dev)  # [d, k]
+    X.grad = torch.zeros_like(X)
+    opt = torch.optim.Adam([X], lr=cfg.gd_lr, fused=_fused_ok(dev, dt))
+    step = 0
+    with torch.no_grad():
+        while True:
+            S, Rm, parts = objective.terms(X @ BtK, float(X.pow(2).sum()))  # MK = ΔW K_f  [d, N]
+            if stopper.stop(objective.loss(parts), step):
+                break
+            # E (B_nullᵀ K_f)ᵀ + 2 w_n X
+            torch.addmm(X, objective.d_out(S, Rm), BtKt, beta=2.0 * w_n, out=X.grad)
+            opt.step()
+            step += 1
+        dW = (X @ nb.B.t()).float()  # [d, d_in]
+    return dW, parts, step
+
+
+__all__ = ["DEFAULT_TOL", "DEFAULT_WINDOW", "Eigh", "NullBasis", "eigh_of", "gd_update", "null_basis", "null_basis_for",
+           "null_rank"]
