@@ -4,7 +4,8 @@
 
 CPU at the small model's shape (d 128, d_ff 512) always; 8B shapes (d 4096, d_ff 14336) on CUDA when
 present (fast form only, a fixed number of steps: the dense reference there is the slow thing being
-replaced). For the printed comparison table with quality columns see benchmarks/gd_speed.py.
+replaced). ``null_variable`` is ``gd_variable="null"`` for the full step count. For the printed
+comparison table with quality columns see benchmarks/gd_speed.py.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _threads():
 
 
 @pytest.mark.parametrize("device,d,d_in,null_frac", _params())
-@pytest.mark.parametrize("impl", ["fast", "fast_full", "reference"])
+@pytest.mark.parametrize("impl", ["fast", "fast_full", "null_variable", "reference"])
 def test_gd(benchmark, device, d, d_in, null_frac, impl):
     if impl == "reference" and device == "cuda":
         pytest.skip("the dense float64 reference at 8B shapes: timed per step by benchmarks/gd_speed.py")
@@ -57,6 +58,8 @@ def test_gd(benchmark, device, d, d_in, null_frac, impl):
     def run():
         if impl == "reference":
             out = reference_gd(W, st.second_moment(torch.float64), K, R, U, cfg)[0]
+        elif impl == "null_variable":  # Adam on the null-space coordinates: same objective, other iterates
+            out = gd_update(W, st, K, R, U, cfg.replace(gd_variable="null"), tol=0.0)[0]
         else:
             out = gd_update(W, st, K, R, U, cfg, tol=None if impl == "fast" else 0.0)[0]
         _sync(device)
