@@ -9,7 +9,8 @@ zu_fast cold (eigendecomposition included), warm (eigenbasis cached — the case
 the first on a layer's statistics), and "full" (no early stop, i.e. the per-step speed-up alone);
 steps taken; final loss; relative difference of ΔW and of the forget outputs W'K_f against the
 reference; and ``gd_variable="null"`` (Adam on the null-space coordinates: the same objective, not the
-same iterates) with its time, steps, final loss and forget-output difference. On CUDA at 8B shapes
+same iterates) with its time, steps, final loss, forget-output difference and C-norm ratio (its edit's
+sqrt(tr ΔW C ΔWᵀ) over the reference's: how much it moves the corpus keys). On CUDA at 8B shapes
 the reference runs only ``--gpu-steps`` steps and all are reported per step and extrapolated to
 gd_steps (the reference would take minutes).
 """
@@ -72,6 +73,10 @@ def compare(name: str, W, st, K, R, U, cfg, bias=None, repeats: int = 1) -> dict
     def rel_out(x):
         return float(((Wd + x.double()) @ Kd - out_ref).norm() / (out_ref - base).norm().clamp_min(1e-30))
 
+    def c_norm(x):
+        x = x.double()
+        return float(torch.einsum("ij,jk,ik->", x, C, x).clamp_min(0).sqrt())
+
     return {
         "problem": name,
         "shape": f"{W.shape[0]}x{W.shape[1]} N={K.shape[1]}",
@@ -93,6 +98,8 @@ def compare(name: str, W, st, K, R, U, cfg, bias=None, repeats: int = 1) -> dict
         "null_var_steps": int(info_null["gd_steps"]),
         "null_var_loss": info_null["gd_loss_final"],
         "null_var_out_rel": rel_out(dW_null),
+        # ‖ΔW‖_C = sqrt(tr ΔW C ΔWᵀ): the edit's effect on the corpus keys, null variable / reference
+        "null_var_cnorm_ratio": c_norm(dW_null) / max(c_norm(dW_ref), 1e-30),
     }
 
 
@@ -127,7 +134,7 @@ def print_table(rows: list[dict], title: str) -> None:
     print(f"\n### {title}\n")
     cols = ["problem", "shape", "null_rank", "ref_s", "cold_s", "warm_s", "full_s", "speedup_cold", "speedup_warm",
             "speedup_full", "steps", "loss_ref", "loss_fast", "dW_rel", "dW_full_rel", "out_rel", "null_var_s",
-            "null_var_steps", "null_var_loss", "null_var_out_rel"]
+            "null_var_steps", "null_var_loss", "null_var_out_rel", "null_var_cnorm_ratio"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -172,6 +172,66 @@ def test_batched_targets_equal_separate_runs():
         assert int(together.steps[i]) == int(alone.steps[0])
 
 
+def test_converged_requests_leave_the_batch_and_the_rest_is_unchanged():
+    """Requests that reach v_early_stop_loss stop being forwarded; every row still equals its own
+    separate run (the compacted batch computes the same maths)."""
+    model, tok, cfg, _ = _setup()
+    # h_init is ~0.13 on this model: a small lr, and a stop threshold that one request crosses mid-run
+    cfg = cfg.replace(v_num_grad_steps=15, v_lr=0.01, v_weight_decay=0.0, kl_factor=0.0, clamp_norm_factor=10.0,
+                      v_early_stop_loss=5.44)
+    reqs = normalize_requests(REQUESTS)
+    targets = [[7], [11], [13]]
+    rows_forwarded = []
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kw: rows_forwarded.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        together = optimize_deltas(model, tok, reqs, cfg, TEMPLATES, 1, targets)
+    finally:
+        handle.remove()
+    steps = together.steps.tolist()
+    assert 0 < steps[2] < steps[0] == steps[1] == 14  # request 2 converged mid-run, the others ran out
+    per_request = len(TEMPLATES[0]) + len(TEMPLATES[1]) + 1  # context prompts + the KL prompt
+    # the clean pass forwards everything; then request 2 is forwarded in iterations 0..steps[2] (the
+    # last finds it converged) and the others in all 15, in however many length buckets
+    assert rows_forwarded[0] == 3 * per_request
+    assert sum(rows_forwarded[1:]) == per_request * (2 * 15 + steps[2] + 1)
+    for i, r in enumerate(reqs):
+        alone = optimize_deltas(model, tok, [r], cfg, TEMPLATES, 1, [targets[i]])
+        assert torch.allclose(together.delta[i], alone.delta[0], rtol=1e-4, atol=1e-6)
+        assert int(together.steps[i]) == int(alone.steps[0])
+        assert float(together.final_loss[i]) == pytest.approx(float(alone.final_loss[0]), rel=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_length_buckets_are_the_cheapest_partition(seed):
+    """Against brute force over every split of the sorted lengths into ≤ 4 contiguous buckets."""
+    import itertools
+    import random
+
+    from zu_fast.method.targets import length_buckets
+
+    rnd = random.Random(seed)
+    lengths = sorted(rnd.choice([3, 5, 9, 14, 20, 21, 34]) for _ in range(rnd.randint(1, 12)))
+
+    def tokens(bounds):
+        return sum((j - i) * lengths[j - 1] for i, j in zip([0, *bounds[:-1]], bounds))
+
+    best = {}
+    cuts = range(1, len(lengths))
+    for k in range(1, 5):
+        best[k] = min((tokens([*c, len(lengths)]) for c in itertools.combinations(cuts, k - 1)), default=None)
+    got = length_buckets(lengths, 4, 0.0)  # no minimum gain: the best of up to 4 buckets
+    assert got[-1] == len(lengths) and got == sorted(set(got))
+    assert tokens(got) == min(v for v in best.values() if v is not None)
+    one = length_buckets(lengths, 4, 1.0)  # no extra bucket is ever worth it
+    assert one == [len(lengths)]
+    mid = length_buckets(lengths, 4, 0.1)
+    k = len(mid)
+    assert tokens(mid) == best[k]
+    if k < 4 and best.get(k + 1) is not None:
+        assert best[k + 1] > 0.9 * best[k]  # it stopped because one more bucket saves < 10%
+
+
 def test_skipping_lower_layers_gives_the_same_optimisation():
     import zu_fast.method.targets as targets_mod
 

@@ -49,6 +49,9 @@ class UnlearnConfig:
     kl_factor: float = 0.0625
     v_early_stop_loss: float = 0.05
     targets_batch_size: int = 64  # requests optimised together (independent rows of δ)
+    # Each step forwards the running requests' prompts in up to this many batches padded to their own
+    # longest prompt (1: one batch padded to the longest of all; see method/targets.length_buckets).
+    targets_length_buckets: int = 4
 
     # --- step 3: original representation and projector ----------------------------------
     projector_eps: float = 0.01  # P = (1+ε) I − U Uᵀ
@@ -90,7 +93,8 @@ class UnlearnConfig:
     gd_precision: str = "fp32"  # "fp32" or "fp64" (the reference's round-off)
     # What Adam optimises: "dense" Δ [d, d_in] (the reference's iterates, exactly) or "null", the
     # edit's coordinates X [d, null rank] in C's null-space eigenbasis (same objective, a different
-    # trajectory: Adam is not rotation invariant; far cheaper per step, see RESULTS.md).
+    # trajectory: Adam is not rotation invariant; far cheaper per step; its lr is scaled by
+    # sqrt(d_in / null rank) so that a step makes the dense Δ's progress; see RESULTS.md).
     gd_variable: str = "dense"
 
     # --- misc -----------------------------------------------------------------------------
@@ -126,7 +130,8 @@ class UnlearnConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ZuFastError(f"config.{name}={getattr(self, name)!r}; choose one of {allowed}")
-        positive = ("stats_batch_tokens", "stats_max_length", "batch_size", "targets_batch_size", "gram_chunk")
+        positive = ("stats_batch_tokens", "stats_max_length", "batch_size", "targets_batch_size", "gram_chunk",
+                    "targets_length_buckets")
         for name in positive:
             if int(getattr(self, name)) <= 0:
                 raise ZuFastError(f"config.{name} must be positive, got {getattr(self, name)}")
