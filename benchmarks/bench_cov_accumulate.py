@@ -6,7 +6,7 @@ Every backend available on the device is measured ("torch" default everywhere; "
 on CUDA when available), plus "reference": the reference formulation (kept rows gathered, cast to
 fp32, ``addmm`` of the full square). Activations arrive as a hooked [batch, seq, width] tensor with
 an attention mask; KKᵀ-only and fused KKᵀ+VKᵀ. GPU shapes: 8B (d_ff 14336, d 4096) and 70B
-(d_ff 28672, d 8192) MLPs, bf16, 8192-token batches. ``benchmarks/cov_table.py`` prints the same
+(d_ff 28672, d 8192) MLPs, bf16, 16,384-token batches. ``benchmarks/cov_table.py`` prints the same
 comparison as one table in tokens/s.
 """
 
@@ -20,7 +20,7 @@ from zu_fast.ops import backend_fn, registry
 HAS_CUDA = torch.cuda.is_available()
 # (batch, seq, d_ff, d)
 CPU_SHAPES = [(2, 256, 256, 128), (2, 1024, 1024, 512)]
-GPU_SHAPES = {"8B": (2, 4096, 14336, 4096), "70B": (2, 4096, 28672, 8192)}
+GPU_SHAPES = {"8B": (4, 4096, 14336, 4096), "70B": (4, 4096, 28672, 8192)}
 
 
 def reference_cov(kk, ks, n, keys, mask=None, *, values=None, vk=None, vs=None) -> None:

@@ -38,17 +38,9 @@ def truncated_forward_seconds(model, tok, texts, cfg, device) -> tuple[float, in
         return time.perf_counter() - t0, tokens
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
-    p.add_argument("--texts", type=int, default=2000)
-    p.add_argument("--batch-tokens", type=int, default=8192)
-    args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model, tok, world, layers = build(args.shape, device, dtype)
-    cfg = zu_fast.UnlearnConfig.for_model(model, layers=layers, progress=False, stats_batch_tokens=args.batch_tokens)
-    texts = (world.training_texts() * 4)[: args.texts]
+def measure(model, tok, texts, layers, device, batch_tokens: int = 8192) -> dict:
+    """Seconds of a plain truncated forward and of collect_stats over ``texts`` (after a warm-up)."""
+    cfg = zu_fast.UnlearnConfig.for_model(model, layers=layers, progress=False, stats_batch_tokens=batch_tokens)
     truncated_forward_seconds(model, tok, texts[:50], cfg, device)  # warm-up
     zu_fast.collect_stats(model, tok, texts[:50], cfg, cache=False)
     fwd, tokens = truncated_forward_seconds(model, tok, texts, cfg, device)
@@ -58,12 +50,27 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
     st = time.perf_counter() - t0
     backend = ops.choose("cov_accumulate", device).name
-    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
-    print(f"{args.shape} on {name}, layers {layers}, {tokens} tokens, cov_accumulate backend {backend}")
+    print(f"{len(texts)} texts, layers {layers}, {tokens} tokens, cov_accumulate backend {backend}")
     print("| run | seconds | tokens/s |\n|---|---:|---:|")
     print(f"| truncated forward | {fwd:.3f} | {tokens / fwd:.4g} |")
-    print(f"| statistics ({len(layers)} layers) | {st:.3f} | {stats[layers[0]].n / st:.4g} |")
+    print(f"| statistics ({len(layers)} layers) | {st:.3f} | {int(stats[layers[0]].n) / st:.4g} |")
     print(f"ratio statistics / truncated forward: {st / fwd:.3f}")
+    return {"texts": len(texts), "tokens": tokens, "forward_s": fwd, "stats_s": st, "ratio": st / fwd,
+            "backend": backend}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="llama-3.1-8b", choices=sorted(SHAPES))
+    p.add_argument("--texts", type=int, default=2000)
+    p.add_argument("--batch-tokens", type=int, default=8192)
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, tok, world, layers = build(args.shape, device, dtype)
+    name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
+    print(f"{args.shape} on {name}")
+    measure(model, tok, (world.training_texts() * 4)[: args.texts], layers, device, args.batch_tokens)
     return 0
 
 

@@ -2,6 +2,7 @@
 // JIT build by zu_fast.ops.cuda_backend). All tensor validation lives here; the kernels in the
 // .cu files take raw pointers and strides.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/count_nonzero.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -92,45 +93,61 @@ void cov_accumulate(Tensor kk, Tensor ks, Tensor n, const Tensor& keys, const st
                     vs->size(0) == dv && vs->is_contiguous(),
                 "zu_fast CUDA: vs must be contiguous fp32/fp64 [d]");
   }
-  if (R == 0 || F == 0) return;
+  if (R == 0) return;
 
   const c10::cuda::CUDAGuard guard(dev);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+  // Scratch for the deterministic column sums (a few MB: one partial sum per 512-row slab and column).
+  auto colsum = [&](const Tensor& x, int64_t cols, const Tensor& out, int64_t* n_out) {
+    Tensor ws = at::empty({std::max<int64_t>(1, zu_fast::colsum_workspace_elems(R, cols))}, out.options());
+    C10_CUDA_CHECK(zu_fast::launch_colsum(x.data_ptr(), row_stride(x), R, cols, mask_ptr, kt, out.data_ptr(),
+                                          elem_type(out), n_out, ws.data_ptr(), stream));
+  };
 
-  zu_fast::AtBProblem probs[2];
-  probs[0].a = keys.data_ptr();
-  probs[0].lda = row_stride(keys);
-  probs[0].m = F;
-  probs[0].b = keys.data_ptr();
-  probs[0].ldb = row_stride(keys);
-  probs[0].n = F;
-  probs[0].c = kk.data_ptr<float>();
-  probs[0].ldc = row_stride(kk);
-  probs[0].upper = true;
-  int nprob = 1;
-  if (with_values && dv > 0) {
-    probs[1].a = values->data_ptr();
-    probs[1].lda = row_stride(*values);
-    probs[1].m = dv;
-    probs[1].b = keys.data_ptr();
-    probs[1].ldb = row_stride(keys);
-    probs[1].n = F;
-    probs[1].c = vk->data_ptr<float>();
-    probs[1].ldc = row_stride(*vk);
-    probs[1].upper = false;
-    nprob = 2;
+  if (F > 0) {
+    zu_fast::AtBProblem probs[2];
+    probs[0].a = keys.data_ptr();
+    probs[0].lda = row_stride(keys);
+    probs[0].m = F;
+    probs[0].b = keys.data_ptr();
+    probs[0].ldb = row_stride(keys);
+    probs[0].n = F;
+    probs[0].c = kk.data_ptr<float>();
+    probs[0].ldc = row_stride(kk);
+    probs[0].upper = true;
+    int nprob = 1;
+    if (with_values && dv > 0) {
+      probs[1].a = values->data_ptr();
+      probs[1].lda = row_stride(*values);
+      probs[1].m = dv;
+      probs[1].b = keys.data_ptr();
+      probs[1].ldb = row_stride(keys);
+      probs[1].n = F;
+      probs[1].c = vk->data_ptr<float>();
+      probs[1].ldc = row_stride(*vk);
+      probs[1].upper = false;
+      nprob = 2;
+    }
+    C10_CUDA_CHECK(zu_fast::launch_cov_gemm(probs, nprob, R, mask_ptr, kt, stream));
+    colsum(keys, F, ks, n.data_ptr<int64_t>());
   }
-  C10_CUDA_CHECK(zu_fast::launch_cov_gemm(probs, nprob, R, mask_ptr, kt, stream));
-  C10_CUDA_CHECK(zu_fast::launch_colsum(keys.data_ptr(), row_stride(keys), R, F, mask_ptr, kt, ks.data_ptr(),
-                                        elem_type(ks), n.data_ptr<int64_t>(), stream));
+  // With no key columns the kept rows are counted by the values' column sums, or directly.
+  int64_t* n_by_values = F > 0 ? nullptr : n.data_ptr<int64_t>();
   if (with_values && dv > 0) {
-    C10_CUDA_CHECK(zu_fast::launch_colsum(values->data_ptr(), row_stride(*values), R, dv, mask_ptr, kt,
-                                          vs->data_ptr(), elem_type(*vs), nullptr, stream));
+    colsum(*values, dv, *vs, n_by_values);
+  } else if (F == 0) {
+    if (mask.has_value()) {
+      n.add_(at::count_nonzero(*mask));
+    } else {
+      n.add_(R);
+    }
   }
 }
 
-// W ← D W in place, in column chunks of `chunk_cols` through a staging buffer of W's dtype.
-void multiplicative_update(Tensor W, const Tensor& D, int64_t chunk_cols, bool stochastic, int64_t seed) {
+// W ← W + E W in place (delta: `D` holds E = D − I; else it holds D and the kernels use D − I), in
+// column chunks of `chunk_cols` through a staging buffer of W's dtype.
+void multiplicative_update(Tensor W, const Tensor& D, int64_t chunk_cols, bool stochastic, int64_t seed,
+                           bool delta) {
   const at::Device dev = W.device();
   check_cuda(W, "W", dev);
   check_cuda(D, "D", dev);
@@ -162,6 +179,7 @@ void multiplicative_update(Tensor W, const Tensor& D, int64_t chunk_cols, bool s
     Tensor bc = buf.narrow(1, 0, c);
     zu_fast::UpdateChunk a;
     a.d_mat = D.data_ptr();
+    a.delta = delta;
     a.d_type = dt;
     a.d = d;
     a.w = wc.data_ptr();
@@ -193,7 +211,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cov_accumulate", &cov_accumulate, "kk += KᵀK (upper tiles), ks += Σk, n += rows [, vk += VᵀK, vs += Σv]",
         py::arg("kk"), py::arg("ks"), py::arg("n"), py::arg("keys"), py::arg("mask") = py::none(),
         py::arg("values") = py::none(), py::arg("vk") = py::none(), py::arg("vs") = py::none());
-  m.def("multiplicative_update_", &multiplicative_update, "W ← D W in place (column chunks, one rounding)",
-        py::arg("W"), py::arg("D"), py::arg("chunk_cols"), py::arg("stochastic") = false, py::arg("seed") = 0);
+  m.def("multiplicative_update_", &multiplicative_update,
+        "W ← W + (D − I) W in place (column chunks, one rounding); delta=True: the matrix given is D − I",
+        py::arg("W"), py::arg("D"), py::arg("chunk_cols"), py::arg("stochastic") = false, py::arg("seed") = 0,
+        py::arg("delta") = false);
   m.def("update_kernel", &update_kernel, "name of the kernel multiplicative_update_ uses for W, D");
 }

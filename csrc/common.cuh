@@ -125,6 +125,11 @@ __host__ __device__ __forceinline__ uint64_t mix64(uint64_t z) {
   return z ^ (z >> 31);
 }
 
+// The stream seed of a user seed (the user seed is mixed once, so seeds 0, 1, 2 ... give unrelated
+// streams), and 32 random bits for element `index` of that stream. The torch default implements the
+// same hash (zu_fast/ops/multiplicative_update.py: sr_random_bits); tests compare them bit for bit.
+__host__ __device__ __forceinline__ uint64_t sr_stream_seed(uint64_t seed) { return mix64(seed ^ 0x5A17F00DULL); }
+
 __device__ __forceinline__ uint32_t random_u32(uint64_t seed, uint64_t index) {
   return static_cast<uint32_t>(mix64(seed + (index + 1ull) * 0x9E3779B97F4A7C15ull) >> 32);
 }

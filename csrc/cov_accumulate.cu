@@ -16,6 +16,8 @@
 //  * Both problems (kk and optionally vk) go in one launch: blockIdx.x below the kk tile count
 //    is a kk tile, the rest are vk tiles.
 //  * Each output tile belongs to exactly one CTA, so the epilogue does a plain C += acc.
+//  * Column sums and the row count: colsum_partial_kernel / colsum_finish_kernel below, two passes
+//    without floating-point atomics (bit-reproducible run to run).
 #include "common.cuh"
 #include "zu_fast_kernels.h"
 
@@ -298,13 +300,24 @@ __global__ void __launch_bounds__(kThreads) cov_gemm_f32_kernel(const CovParams 
 }
 
 // ------------------------------------------------------------------ column sums and row count
+// Two passes, no floating-point atomics, so the sums are bit-reproducible run to run: CTA (x, y)
+// sums rows [y·rows_per_cta, (y+1)·rows_per_cta) of columns x·256.. into partial[y][col]; then one
+// thread per column adds the gy partials in order to out. The row count uses integer atomics
+// (exact, so order does not matter).
 constexpr int kSumThreads = 256;
-constexpr int kSumRows = 128;  // rows per CTA
+constexpr int kSumRows = 512;      // rows per CTA (more only past kMaxSlabs slabs)
+constexpr int64_t kMaxSlabs = 1024;  // partial sums per column at most
+
+int64_t slab_rows(int64_t rows) {
+  int64_t per = kSumRows;
+  if ((rows + per - 1) / per > kMaxSlabs) per = (rows + kMaxSlabs - 1) / kMaxSlabs;
+  return per;
+}
 
 template <typename T, typename Acc>
 __global__ void __launch_bounds__(kSumThreads)
-    colsum_kernel(const T* __restrict__ x, int64_t ldx, int64_t rows, int64_t cols, int64_t rows_per_cta,
-                  const uint8_t* __restrict__ mask, Acc* __restrict__ out, int64_t* __restrict__ n_out) {
+    colsum_partial_kernel(const T* __restrict__ x, int64_t ldx, int64_t rows, int64_t cols, int64_t rows_per_cta,
+                          const uint8_t* __restrict__ mask, Acc* __restrict__ partial, int64_t* __restrict__ n_out) {
   const int64_t col = int64_t(blockIdx.x) * kSumThreads + threadIdx.x;
   const int64_t r0 = int64_t(blockIdx.y) * rows_per_cta;
   const int64_t r1 = (r0 + rows_per_cta < rows) ? r0 + rows_per_cta : rows;
@@ -313,7 +326,7 @@ __global__ void __launch_bounds__(kSumThreads)
     for (int64_t r = r0; r < r1; ++r) {
       if (mask == nullptr || mask[r] != 0) s += static_cast<Acc>(to_float<T>(x[r * ldx + col]));
     }
-    atomicAdd(out + col, s);
+    partial[int64_t(blockIdx.y) * cols + col] = s;
   }
   if (n_out != nullptr && blockIdx.x == 0) {
     unsigned long long cnt = 0;
@@ -325,20 +338,30 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
+template <typename Acc>
+__global__ void __launch_bounds__(kSumThreads)
+    colsum_finish_kernel(const Acc* __restrict__ partial, int64_t slabs, int64_t cols, Acc* __restrict__ out) {
+  const int64_t col = int64_t(blockIdx.x) * kSumThreads + threadIdx.x;
+  if (col >= cols) return;
+  Acc s = Acc(0);
+  for (int64_t y = 0; y < slabs; ++y) s += partial[y * cols + col];
+  out[col] += s;
+}
+
 template <typename T, typename Acc>
 cudaError_t colsum_dispatch(const void* x, int64_t ldx, int64_t rows, int64_t cols, const uint8_t* mask, void* out,
-                            int64_t* n_out, cudaStream_t stream) {
-  int64_t rows_per_cta = kSumRows;
-  int64_t gy = (rows + rows_per_cta - 1) / rows_per_cta;
-  if (gy > 65535) {
-    rows_per_cta = (rows + 65534) / 65535;
-    gy = (rows + rows_per_cta - 1) / rows_per_cta;
-  }
+                            int64_t* n_out, void* workspace, cudaStream_t stream) {
+  const int64_t rows_per_cta = slab_rows(rows);
+  const int64_t gy = (rows + rows_per_cta - 1) / rows_per_cta;
   const int64_t gx = (cols + kSumThreads - 1) / kSumThreads;
-  if (gx > 0x7fffffffLL) return cudaErrorInvalidValue;
-  dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy));
-  colsum_kernel<T, Acc><<<grid, kSumThreads, 0, stream>>>(static_cast<const T*>(x), ldx, rows, cols, rows_per_cta,
-                                                          mask, static_cast<Acc*>(out), n_out);
+  if (gx > 0x7fffffffLL || gy > 65535) return cudaErrorInvalidValue;
+  Acc* partial = static_cast<Acc*>(workspace);
+  colsum_partial_kernel<T, Acc><<<dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy)), kSumThreads, 0, stream>>>(
+      static_cast<const T*>(x), ldx, rows, cols, rows_per_cta, mask, partial, n_out);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  colsum_finish_kernel<Acc><<<static_cast<unsigned>(gx), kSumThreads, 0, stream>>>(partial, gy, cols,
+                                                                                 static_cast<Acc*>(out));
   return cudaGetLastError();
 }
 
@@ -416,21 +439,29 @@ cudaError_t launch_cov_gemm(const AtBProblem* problems, int nproblems, int64_t r
   return cudaGetLastError();
 }
 
+int64_t colsum_workspace_elems(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0;
+  const int64_t per = slab_rows(rows);
+  return ((rows + per - 1) / per) * cols;
+}
+
 cudaError_t launch_colsum(const void* x, int64_t ldx, int64_t rows, int64_t cols, const uint8_t* mask,
-                          ElemType type, void* out, ElemType out_type, int64_t* n_out, cudaStream_t stream) {
+                          ElemType type, void* out, ElemType out_type, int64_t* n_out, void* workspace,
+                          cudaStream_t stream) {
   if (rows <= 0 || cols <= 0) return cudaSuccess;
+  if (workspace == nullptr) return cudaErrorInvalidValue;
   const bool f64 = out_type == ElemType::kFloat64;
   if (!f64 && out_type != ElemType::kFloat32) return cudaErrorInvalidValue;
   switch (type) {
     case ElemType::kBFloat16:
-      return f64 ? colsum_dispatch<__nv_bfloat16, double>(x, ldx, rows, cols, mask, out, n_out, stream)
-                 : colsum_dispatch<__nv_bfloat16, float>(x, ldx, rows, cols, mask, out, n_out, stream);
+      return f64 ? colsum_dispatch<__nv_bfloat16, double>(x, ldx, rows, cols, mask, out, n_out, workspace, stream)
+                 : colsum_dispatch<__nv_bfloat16, float>(x, ldx, rows, cols, mask, out, n_out, workspace, stream);
     case ElemType::kFloat16:
-      return f64 ? colsum_dispatch<__half, double>(x, ldx, rows, cols, mask, out, n_out, stream)
-                 : colsum_dispatch<__half, float>(x, ldx, rows, cols, mask, out, n_out, stream);
+      return f64 ? colsum_dispatch<__half, double>(x, ldx, rows, cols, mask, out, n_out, workspace, stream)
+                 : colsum_dispatch<__half, float>(x, ldx, rows, cols, mask, out, n_out, workspace, stream);
     case ElemType::kFloat32:
-      return f64 ? colsum_dispatch<float, double>(x, ldx, rows, cols, mask, out, n_out, stream)
-                 : colsum_dispatch<float, float>(x, ldx, rows, cols, mask, out, n_out, stream);
+      return f64 ? colsum_dispatch<float, double>(x, ldx, rows, cols, mask, out, n_out, workspace, stream)
+                 : colsum_dispatch<float, float>(x, ldx, rows, cols, mask, out, n_out, workspace, stream);
     default:
       return cudaErrorInvalidValue;
   }

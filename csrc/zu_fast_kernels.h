@@ -32,16 +32,22 @@ cudaError_t launch_cov_gemm(const AtBProblem* problems, int nproblems, int64_t r
 
 // out[c] += Σ_r x[r, c] over kept rows (x [R, N], unit column stride, row stride ldx); out is
 // fp32 or fp64 (out_type). If n_out is not null, *n_out (int64) += number of kept rows.
+// Deterministic: each CTA sums a fixed slab of rows into `workspace` (colsum_workspace_elems(rows,
+// cols) elements of out_type, no atomics on floats), then one pass adds the slabs in order.
+int64_t colsum_workspace_elems(int64_t rows, int64_t cols);
 cudaError_t launch_colsum(const void* x, int64_t ldx, int64_t rows, int64_t cols, const uint8_t* mask,
-                          ElemType type, void* out, ElemType out_type, int64_t* n_out, cudaStream_t stream);
+                          ElemType type, void* out, ElemType out_type, int64_t* n_out, void* workspace,
+                          cudaStream_t stream);
 
 // ---- multiplicative_update_ ------------------------------------------------------------------
-// out[i, j] = round(Σ_k D[i, k] W[k, j]) for one column chunk: D [d, d] contiguous (fp32 or fp64),
-// W [d, ncols] with strides (w_sr, w_sc) where w_sr == 1 or w_sc == 1, out [d, ncols] of W's type
-// with strides (o_sr, o_sc). Stochastic rounding uses the random bits of element index
+// out[i, j] = round(W[i, j] + Σ_k E[i, k] W[k, j]) for one column chunk, E = D − I: d_mat [d, d]
+// contiguous (fp32 or fp64) holds E (delta = true) or D (delta = false; the identity is subtracted
+// on the fly). W [d, ncols] with strides (w_sr, w_sc) where w_sr == 1 or w_sc == 1, out [d, ncols]
+// of W's type with strides (o_sr, o_sc). Stochastic rounding uses the random bits of element index
 // i * d_in_total + (col_offset + j), so a result does not depend on the chunking.
 struct UpdateChunk {
   const void* d_mat = nullptr;
+  bool delta = false;
   ElemType d_type = ElemType::kFloat32;
   int64_t d = 0;
   const void* w = nullptr;

@@ -340,7 +340,7 @@ def test_update_vs_float64(ext, case, layout, dtype, ddtype):
 def test_update_kernel_choice(ext):
     W = torch.zeros(16, 32, device="cuda", dtype=torch.bfloat16)
     D = torch.eye(16, device="cuda")
-    assert ext.update_kernel(W, D).startswith("update_bf16_tc")
+    assert ext.update_kernel(W, D).startswith("update_delta_bf16_tc")
     assert ext.update_kernel(W.float(), D) == "update_simt<fp32>"
     assert ext.update_kernel(W, D.double()) == "update_simt<fp64>"
 
@@ -440,6 +440,121 @@ def test_edit_survives_with_stochastic_rounding(ext):
     print(f"fraction of the edit kept: nearest {s_rn:.3f}, stochastic {s_sr:.3f}")
     assert 0.95 < s_sr < 1.05
     assert s_rn < 0.5
+
+
+@pytest.mark.parametrize("edtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["row", "col", "slice", "colslice", "general"])
+@pytest.mark.parametrize("case", list(UPD_SHAPES), ids=str)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_update_delta_vs_float64(ext, case, layout, dtype, edtype):
+    """form="delta" (E = D − I, what an edit stores): W + E W within half an ulp (+ slack) of float64."""
+    d, d_in = UPD_SHAPES[case]
+    g = torch.Generator(device="cuda").manual_seed(13)
+    _, W = _make_W(d, d_in, dtype, layout, g)
+    E = (0.01 * torch.eye(d, device="cuda") + 0.3 * torch.randn(d, d, device="cuda", generator=g) / d**0.5).to(edtype)
+    W_before = W.clone()
+    upd_fn()(W, E, form="delta", chunk_cols=64 if d_in > 64 else None)
+    torch.cuda.synchronize()
+    _update_check(W, torch.eye(d, device="cuda", dtype=torch.float64) + E.double(), W_before)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_update_delta_real_edit_rounds_correctly(ext):
+    """d 4096: a real-edit-like E (1% scaling + rank 64): ≥ 99.9% of the bf16 outputs are the
+    correctly rounded exact result (the previous D·W kernel: ~1% wrong, tests/test_tc_numerics.py)."""
+    d, d_in = 4096, 2048
+    g = torch.Generator(device="cuda").manual_seed(21)
+    W = (0.02 * torch.randn(d, d_in, device="cuda", generator=g)).to(torch.bfloat16)
+    U = torch.randn(d, 64, device="cuda", generator=g, dtype=torch.float64) / d**0.5
+    V = torch.randn(d, 64, device="cuda", generator=g, dtype=torch.float64) * (0.3 / 8)
+    E64 = 0.01 * torch.eye(d, device="cuda", dtype=torch.float64) + U @ V.T
+    exact = (W.double() + E64 @ W.double()).to(torch.bfloat16)
+    D32 = (torch.eye(d, device="cuda", dtype=torch.float64) + E64).float()
+    for form, M in (("delta", E64.float()), ("multiplier", D32)):
+        W1 = W.clone()
+        upd_fn()(W1, M, form=form)
+        wrong = float((W1 != exact).double().mean())
+        print(f"{form}: {wrong:.2e} of outputs differ from the correctly rounded result")
+        assert wrong < (1e-3 if form == "delta" else 1e-2)  # fp32 D itself carries 2^-24 |D| of error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_update_delta_real_shape_and_memory(ext):
+    """70B down_proj shape in the delta form: extra memory ≤ 10% of W, results vs float64."""
+    d, d_in = 8192, 28672
+    g = torch.Generator(device="cuda").manual_seed(4)
+    _, W = _make_W(d, d_in, torch.bfloat16, "row", g)
+    E = 0.01 * torch.eye(d, device="cuda") + 1e-3 * torch.randn(d, d, device="cuda", generator=g)
+    cols = slice(0, 2048)
+    W_before = W[:, cols].clone()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    upd_fn()(W, E, form="delta")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 0.10 * W.numel() * W.element_size()
+    _update_check(W[:, cols], torch.eye(d, device="cuda", dtype=torch.float64) + E.double(), W_before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_stochastic_rounding_same_hash_as_torch(ext, dtype):
+    """With an exactly representable update (E = c·I, c with few bits, so W + E W is exact in fp32 in
+    both backends) stochastic rounding draws the same bits in the CUDA kernel and the torch default."""
+    d, d_in = 96, 1000
+    g = torch.Generator(device="cuda").manual_seed(8)
+    W0 = torch.randn(d, d_in, device="cuda", generator=g).to(dtype)
+    E = torch.eye(d, device="cuda") * (2.0**-12 + 2.0**-15)
+    a, b = W0.clone(), W0.clone()
+    upd_fn()(a, E, form="delta", stochastic_rounding=True, seed=77)
+    ops.backend_fn("multiplicative_update_", "torch")(b, E, form="delta", stochastic_rounding=True, seed=77)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, (W0.float() * (1 + 2.0**-12 + 2.0**-15)).to(dtype))  # really stochastic
+    rng = torch.cuda.get_rng_state()
+    c = W0.clone()
+    upd_fn()(c, E, form="delta", stochastic_rounding=True)  # seed derived from E
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    assert torch.equal(c, ops.backend_fn("multiplicative_update_", "torch")(
+        W0.clone(), E, form="delta", stochastic_rounding=True, seed=ops.edit_seed(E)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cov_column_sums_are_deterministic(ext):
+    """No floating-point atomics: the same batch gives bit-identical ks / vs / kk every run."""
+    keys, values, mask, kk, ks, n, vk, vs = _cov_case((4, 3000), 300, 100, torch.bfloat16, True, True, seed=3)
+    outs = []
+    for _ in range(3):
+        acc = [kk.clone(), ks.clone(), n.clone(), vk.clone(), vs.clone()]
+        cov_fn()(acc[0], acc[1], acc[2], keys, mask, values=values, vk=acc[3], vs=acc[4])
+        outs.append(acc)
+    for a in outs[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(a, outs[0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_cov_small_no_key_columns(ext):
+    """F == 0: nothing to multiply, but n (and vs, with values) must still be accumulated."""
+    keys = torch.randn(2, 9, 0, device="cuda", dtype=torch.bfloat16)
+    values = torch.randn(2, 9, 6, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(2, 9, device="cuda") > 0.4
+    kk = torch.zeros(0, 0, device="cuda")
+    ks = torch.zeros(0, device="cuda")
+    n = torch.tensor(2, device="cuda")
+    cov_fn()(kk, ks, n, keys, mask)
+    assert int(n) == 2 + int(mask.sum())
+    vk = torch.zeros(6, 0, device="cuda")
+    vs = torch.zeros(6, device="cuda", dtype=torch.float64)
+    cov_fn()(kk, ks, n, keys, None, values=values, vk=vk, vs=vs)
+    assert int(n) == 2 + int(mask.sum()) + 18
+    assert rel(vs, values.reshape(-1, 6).double().sum(0)) <= TOL
 
 
 @pytest.mark.gpu

@@ -47,3 +47,141 @@ def test_info_rows_are_truthful():
     assert all(r["available"] for r in chosen)
     if not torch.cuda.is_available():
         assert not any(r["available"] for r in rows if r["backend"] in ("cuda",))
+
+
+# ------------------------------------------------------------------------------ measured preferences
+from zu_fast.ops import preferences  # noqa: E402
+
+
+def test_rule_prefers_only_correct_backends_that_beat_torch():
+    times = {"torch": [10.0, 20.0], "triton": [5.0, 10.0], "cuda": [4.0, 25.0], "slow": [12.0, 30.0]}
+    correct = {"torch": True, "triton": True, "cuda": True, "slow": True}
+    order, why = preferences.decide(correct, times)
+    assert order == ["triton"]  # cuda loses on one shape, slow on both
+    assert "not faster" in why["cuda"] and "not faster" in why["slow"]
+    order, why = preferences.decide({**correct, "triton": False}, times)
+    assert order == [] and "did not pass" in why["triton"]
+    order, why = preferences.decide({"torch": True}, {"torch": [1.0], "cuda": [0.5]})
+    assert order == [] and "no correctness tests" in why["cuda"]
+    order, _ = preferences.decide(correct, {"torch": [10.0], "triton": [5.0], "cuda": [2.0]})
+    assert order == ["cuda", "triton"]  # best speed-up first
+    order, why = preferences.decide(correct, {"torch": [10.0, 8.0], "triton": [5.0, None]})
+    assert order == [] and "every shape" in why["triton"]
+
+
+def _fake_gpu_op(monkeypatch, tmp_path, prefs: dict | None):
+    registry.define_op("toy_gpu_op", lambda x: "torch")
+    registry.register_backend("toy_gpu_op", "fast", lambda x: "fast", device_types=("cuda",))
+    registry.register_backend("toy_gpu_op", "gone", lambda x: "gone", device_types=("cuda",),
+                              available=lambda: False)
+    path = tmp_path / "prefs.json"
+    if prefs is not None:
+        path.write_text(__import__("json").dumps(prefs))
+    monkeypatch.setenv(preferences.FILE_ENV, str(path))
+    monkeypatch.setattr(preferences, "current_device_name",
+                        lambda device_type, index=None: "Fake GPU" if device_type == "cuda" else None)
+    preferences.reload()
+
+
+def test_registry_follows_the_measured_file(monkeypatch, tmp_path):
+    try:
+        _fake_gpu_op(monkeypatch, tmp_path, None)  # no measurement: torch
+        assert registry.choose("toy_gpu_op", "cuda").name == "torch"
+        entry = {"ops": {"toy_gpu_op": {"order": ["gone", "fast"]}}}
+        _fake_gpu_op(monkeypatch, tmp_path, {"schema": 1, "devices": {"Fake GPU": entry}})
+        assert registry.choose("toy_gpu_op", "cuda").name == "fast"  # "gone" is unavailable: skipped
+        assert registry.choose("toy_gpu_op", "cpu").name == "torch"
+        _fake_gpu_op(monkeypatch, tmp_path, {"schema": 1, "devices": {"Other GPU": entry}})
+        assert registry.choose("toy_gpu_op", "cuda").name == "torch"  # measured on another device only
+        with registry.use_backend("torch"):
+            _fake_gpu_op(monkeypatch, tmp_path, {"schema": 1, "devices": {"Fake GPU": entry}})
+            assert registry.choose("toy_gpu_op", "cuda").name == "torch"  # forcing still wins
+    finally:
+        registry._OPS.pop("toy_gpu_op", None)
+        monkeypatch.delenv(preferences.FILE_ENV)
+        preferences.reload()
+
+
+def test_checked_in_file_prefers_nothing_unmeasured():
+    """The shipped measured_preferences.json lists only devices with a recorded GPU check; every
+    listed backend came with passing tests and a speed-up (the evidence is in the file)."""
+    data = preferences._load(str(preferences.MEASURED_FILE))
+    assert data["schema"] == preferences.SCHEMA
+    for device, entry in data["devices"].items():
+        for op, e in entry["ops"].items():
+            for b in e["order"]:
+                assert e["correct"].get(b) is True, (device, op, b)
+                assert e["reasons"][b].startswith("preferred"), (device, op, b)
+
+
+def test_classify_tests_by_backend():
+    c = preferences.classify_test
+    assert c("tests/test_cuda_ext.py::test_cov_vs_float64[small_1-kk-nomask-torch.bfloat16]") == [
+        ("cov_accumulate", "cuda")]
+    assert c("tests/test_cuda_ext.py::test_update_delta_vs_float64[mid-row-torch.bfloat16-torch.float32]") == [
+        ("multiplicative_update_", "cuda")]
+    assert c("tests/test_cuda_ext.py::test_stochastic_rounding_same_hash_as_torch[torch.float16]") == [
+        ("multiplicative_update_", "cuda")]
+    assert c("tests/test_cuda_ext.py::test_cuda_sources_compile") == []
+    assert c("tests/test_cov_accumulate.py::test_real_shapes_gpu[triton]") == [("cov_accumulate", "triton")]
+    assert c("tests/test_cov_accumulate.py::test_real_shapes_gpu[torch]") == [("cov_accumulate", "torch")]
+    assert c("tests/test_cov_accumulate.py::test_triton_fp32_gpu_exact") == [("cov_accumulate", "triton")]
+    assert c("tests/test_tc_numerics.py::test_gpu_cov_bias_within_bound[cuda]") == [("cov_accumulate", "cuda")]
+    assert c("tests/test_tc_numerics.py::test_gpu_model_matches_cublas") == []
+    assert c("tests/test_multiplicative_update.py::test_delta_form_matches_float64[x]") == [
+        ("multiplicative_update_", "torch")]
+
+
+def test_every_gpu_test_speaks_for_a_backend():
+    """Each gpu-marked test of the op test files counts for some (op, backend), so the GPU check's
+    correctness record covers it (a new test with an unclassifiable name fails here)."""
+    import subprocess
+    import sys
+
+    files = ["tests/test_cov_accumulate.py", "tests/test_cuda_ext.py", "tests/test_multiplicative_update.py"]
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", *files],
+                         capture_output=True, text=True, cwd=__import__("pathlib").Path(__file__).parents[1])
+    ids = [ln for ln in out.stdout.splitlines() if "::" in ln]
+    assert len(ids) > 100, out.stdout[-2000:] + out.stderr[-2000:]
+    unclassified = [i for i in ids if not preferences.classify_test(i)]
+    assert not unclassified, unclassified[:10]
+
+
+def test_junit_to_preferences_file(tmp_path):
+    """The GPU check's path: junit XML → correctness, table → times, rule → file → merge."""
+    import json
+
+    xml = tmp_path / "t.xml"
+    xml.write_text("""<testsuites><testsuite>
+<testcase classname="tests.test_cuda_ext" name="test_cov_vs_float64[a]"><skipped message="no GPU"/></testcase>
+<testcase classname="tests.test_cuda_ext" name="test_update_vs_float64[b]"><failure message="x"/></testcase>
+<testcase classname="tests.test_cov_accumulate" name="test_real_shapes_gpu[triton]"/>
+<testcase classname="tests.test_cov_accumulate" name="test_real_shapes_gpu[torch]"/>
+<testcase classname="tests.test_multiplicative_update" name="test_bad_arguments"/>
+</testsuite></testsuites>""")
+    state = tmp_path / "state.json"
+    assert preferences.main(["record-tests", "--state", str(state), "--junit", str(xml), "--device", "Fake GPU"]) == 0
+    table = {"device": "Fake GPU", "rows": [
+        {"shape": "8B kk", "impl": "torch", "seconds": 2.0, "counts_for": ["cov_accumulate"]},
+        {"shape": "8B kk", "impl": "triton", "seconds": 1.0, "counts_for": ["cov_accumulate"]},
+        {"shape": "8B kk", "impl": "cuda", "seconds": 0.5, "counts_for": ["cov_accumulate"]},
+        {"shape": "8B kk", "impl": "torch.mm (unchunked)", "seconds": 1.5, "counts_for": []},
+    ]}
+    (tmp_path / "cov.json").write_text(json.dumps(table))
+    upd = {"device": "Fake GPU", "rows": [
+        {"shape": "70B row", "impl": "torch", "seconds": 2.0, "counts_for": ["multiplicative_update_"]},
+        {"shape": "70B row", "impl": "cuda", "seconds": 1.0, "counts_for": ["multiplicative_update_"]}]}
+    (tmp_path / "upd.json").write_text(json.dumps(upd))
+    preferences.main(["record-speed", "--state", str(state), "--op", "cov_accumulate",
+                      "--table", str(tmp_path / "cov.json")])
+    preferences.main(["record-speed", "--state", str(state), "--op", "multiplicative_update_",
+                      "--table", str(tmp_path / "upd.json")])
+    out = tmp_path / "prefs.json"
+    preferences.main(["write", "--state", str(state), "--out", str(out)])
+    ops_ = json.loads(out.read_text())["devices"]["Fake GPU"]["ops"]
+    assert ops_["cov_accumulate"]["order"] == ["triton"]  # cuda was faster, but its only test was skipped
+    assert ops_["multiplicative_update_"]["order"] == []  # its cuda test failed
+    into = tmp_path / "measured.json"
+    merged = preferences.merge(out, into)
+    assert list(merged["devices"]) == ["Fake GPU"]
+    preferences.reload()

@@ -3,10 +3,12 @@
     from zu_fast import ops
     ops.cov_accumulate(kk, ks, n, keys, mask)       # corpus statistics, in place
     ops.multiplicative_update_(W, D)                # W ← D W, in place
+    ops.multiplicative_update_(W, E, form="delta")  # W ← W + E W (E = D − I, what an edit stores)
     ops.info()                                      # every op, its backends, which one is chosen
 
-Backend choice: ``ZU_FAST_BACKEND=torch|triton|cuda`` forces one; otherwise the fastest available
-for the device (see ``backends.py`` for the order and the measurements behind it).
+Backend choice: ``ZU_FAST_BACKEND=torch|triton|cuda`` forces one; otherwise the backend measured
+to be correct and faster than torch on this GPU (``preferences.py``, ``measured_preferences.json``),
+else torch.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from . import registry
 from .cov_accumulate import cov_accumulate_torch, symmetrize_upper_
-from .multiplicative_update import multiplicative_update_torch, stochastic_round
+from .multiplicative_update import edit_seed, multiplicative_update_torch, stochastic_round
 from .registry import backend_fn, choose, info, list_ops, register_backend, use_backend
 
 registry.define_op("cov_accumulate", cov_accumulate_torch)
@@ -26,19 +28,22 @@ from . import backends as _backends  # noqa: E402,F401  (registers triton/cuda o
 
 def cov_accumulate(kk, ks, n, keys, mask=None, *, values=None, vk=None, vs=None) -> None:
     """In place: kk += KᵀK (upper triangle), ks += Σk, n += rows [, vk += VᵀK, vs += Σv] over kept rows."""
-    fn = choose("cov_accumulate", keys.device.type).fn
+    fn = choose("cov_accumulate", keys.device.type, keys.device.index).fn
     fn(kk, ks, n, keys, mask, values=values, vk=vk, vs=vs)
 
 
-def multiplicative_update_(W: torch.Tensor, D: torch.Tensor, **kwargs) -> torch.Tensor:
-    """In place: W ← D W with ≥fp32 accumulation and one rounding; see multiplicative_update.py."""
-    return choose("multiplicative_update_", W.device.type).fn(W, D, **kwargs)
+def multiplicative_update_(W: torch.Tensor, D: torch.Tensor, *, form: str = "multiplier", **kwargs) -> torch.Tensor:
+    """In place: W ← D W, or with ``form="delta"`` W ← W + D W where D is E = D − I (the form an
+    edit stores and the fast paths want); ≥fp32 accumulation, one rounding. Options
+    (``chunk_cols``, ``stochastic_rounding``, ``seed``): see multiplicative_update.py."""
+    return choose("multiplicative_update_", W.device.type, W.device.index).fn(W, D, form=form, **kwargs)
 
 
 __all__ = [
     "backend_fn",
     "choose",
     "cov_accumulate",
+    "edit_seed",
     "info",
     "list_ops",
     "multiplicative_update_",

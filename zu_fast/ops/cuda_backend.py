@@ -9,13 +9,14 @@ The extension is found in this order, once, on first use:
    (``TORCH_EXTENSIONS_DIR``), so only the first process pays for the build (about a minute).
    ``ZU_FAST_CUDA_JIT=0`` disables it.
 
-Not preferred by default on any device: the kernels have not been measured on a GPU yet, so the
-registry still picks "torch" unless ``ZU_FAST_BACKEND=cuda`` (or ``use_backend("cuda")``) asks for
-them. Add ``prefer_on=("cuda",)`` below, with the benchmark numbers, once they beat the default.
+No static preference: the registry picks "cuda" on a GPU only where measured_preferences.json
+lists it for that device (its correctness tests passed there and it beat torch in the GPU check's
+tables; preferences.py), or when ``ZU_FAST_BACKEND=cuda`` (or ``use_backend("cuda")``) asks for it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .cov_accumulate import check_cov_args, cov_accumulate_torch
-from .multiplicative_update import check_update_args, multiplicative_update_torch
+from .multiplicative_update import check_update_args, edit_seed, multiplicative_update_torch
 from .registry import register_backend
 
 JIT_ENV = "ZU_FAST_CUDA_JIT"
@@ -277,8 +278,9 @@ def cov_accumulate_cuda(kk, ks, n, keys, mask=None, *, values=None, vk=None, vs=
     """
     check_cov_args(kk, ks, n, keys, mask, values, vk, vs)
     d_ff = keys.shape[-1]
-    k2 = keys.reshape(-1, d_ff)  # a view for hook outputs; copies only if the leading dims can't merge
-    v2 = values.reshape(-1, values.shape[-1]) if values is not None else None
+    rows = math.prod(keys.shape[:-1])  # explicit: reshape(-1, 0) is ambiguous when d_ff == 0
+    k2 = keys.reshape(rows, d_ff)  # a view for hook outputs; copies only if the leading dims can't merge
+    v2 = values.reshape(rows, values.shape[-1]) if values is not None else None
 
     def unit_col(t):
         return t.shape[-1] <= 1 or t.stride(-1) == 1
@@ -313,34 +315,34 @@ def multiplicative_update_cuda(
     W: torch.Tensor,
     D: torch.Tensor,
     *,
+    form: str = "multiplier",
     chunk_cols: int | None = None,
     stochastic_rounding: bool = False,
-    generator: torch.Generator | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """W ← D W in place on the CUDA extension (one rounding; optional stochastic rounding).
+    """W ← D W (``form="delta"``: W ← W + D W, D being E = D − I) in place on the CUDA extension.
 
-    W needs a unit stride in one of its two dimensions (row- or column-major, e.g. the transpose
-    of a weight); any other W goes to the plain-PyTorch default. ``seed`` (or one drawn from
-    ``generator`` / torch's default generator) drives the counter-based stochastic rounding.
+    Every kernel computes W + E·W (the multiplier form subtracts the identity on the fly), so the
+    tensor-core truncation of the bf16 kernel touches only E·W. W needs a unit stride in one of
+    its two dimensions (row- or column-major, e.g. the transpose of a weight); any other W goes
+    to the plain-PyTorch default. Stochastic rounding: the counter-based hash shared with the
+    default, seeded by ``seed`` or by ``edit_seed(D)``; no random generator is touched.
     """
-    check_update_args(W, D)
+    check_update_args(W, D, form, seed)
     d, d_in = W.shape
     if W.numel() == 0:
         return W
     if not (W.stride(0) == 1 or W.stride(1) == 1 or d == 1 or d_in == 1):
-        return multiplicative_update_torch(
-            W, D, chunk_cols=chunk_cols, stochastic_rounding=stochastic_rounding, generator=generator
-        )
+        return multiplicative_update_torch(W, D, form=form, chunk_cols=chunk_cols,
+                                           stochastic_rounding=stochastic_rounding, seed=seed)
     acc = torch.float64 if D.dtype == torch.float64 else torch.float32
     Dc = D.to(device=W.device, dtype=acc).contiguous()
     sr = bool(stochastic_rounding) and W.dtype != torch.float32
     if sr and seed is None:
-        gen_device = generator.device if generator is not None else "cpu"
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=gen_device).item())
+        seed = edit_seed(D)
     chunk = int(chunk_cols) if chunk_cols is not None else default_chunk_cols(d_in)
     with torch.no_grad():
-        load_extension().multiplicative_update_(W, Dc, chunk, sr, int(seed or 0))
+        load_extension().multiplicative_update_(W, Dc, chunk, sr, int(seed or 0), form == "delta")
     return W
 
 
@@ -351,7 +353,7 @@ register_backend(
     device_types=("cuda",),
     available=is_available,
     why_unavailable=why_unavailable,
-    # prefer_on=("cuda",) once benchmarks/RESULTS.md shows it beating the torch default on a GPU.
+    # preferred per device by measurement only (preferences.py), no prefer_on
 )
 register_backend(
     "multiplicative_update_",
@@ -360,5 +362,5 @@ register_backend(
     device_types=("cuda",),
     available=is_available,
     why_unavailable=why_unavailable,
-    # prefer_on=("cuda",) once measured (see benchmarks/update_table.py).
+    # preferred per device by measurement only (preferences.py, update_table.py), no prefer_on
 )

@@ -6,8 +6,10 @@ types it supports, with an availability check that is evaluated lazily (importin
 building a CUDA extension costs seconds, so nothing is tried until the op is first called).
 
 Choice per call: ``ZU_FAST_BACKEND=torch|triton|cuda`` (or :func:`use_backend`) forces a backend;
-otherwise the first available backend in the op's measured preference order for the tensor's
-device type is used, falling back to ``"torch"``.
+otherwise the first available backend in (1) the order measured on this GPU model
+(``preferences.py``: a backend is listed only where its correctness tests passed on that device
+and it beat torch; read from the checked-in ``measured_preferences.json``), then (2) the order
+registered with ``prefer_on`` for the device type, falling back to ``"torch"``.
 """
 
 from __future__ import annotations
@@ -120,8 +122,9 @@ def supports(backend: Backend, device_type: str) -> bool:
     return "*" in backend.device_types or device_type in backend.device_types
 
 
-def choose(op_name: str, device_type: str) -> Backend:
-    """The backend op ``op_name`` uses for tensors on ``device_type``."""
+def choose(op_name: str, device_type: str, device_index: int | None = None) -> Backend:
+    """The backend op ``op_name`` uses for tensors on ``device_type`` (CUDA: on device
+    ``device_index``, default the current one, whose name selects the measured preferences)."""
     op = get_op(op_name)
     forced = _forced_backend()
     if forced is not None:
@@ -142,7 +145,10 @@ def choose(op_name: str, device_type: str) -> Backend:
                 f"{b.why_unavailable() or 'its availability check failed'}"
             )
         return b
-    for name in op.preference.get(device_type, []):
+    from . import preferences  # here, not at import: `python -m zu_fast.ops.preferences` runs it as a script
+
+    measured = preferences.measured_order(op_name, preferences.current_device_name(device_type, device_index))
+    for name in measured + op.preference.get(device_type, []):
         b = op.backends.get(name)
         if b is not None and supports(b, device_type) and b.is_available():
             return b

@@ -50,8 +50,8 @@ def cov_accumulate_triton(kk, ks, n, keys, mask=None, *, values=None, vk=None, v
     fn(kk, ks, n, keys, mask, values=values, vk=vk, vs=vs)
 
 
-# Not in any preference order yet: it has not been measured on a GPU. The order (prefer_on=("cuda",)
-# or after the cuda backend) will be set from benchmarks/cov_table.py measurements.
+# No static preference: on a GPU it is preferred only where measured_preferences.json says so for
+# that device (correctness tests passed there and it beat torch in cov_table.py; preferences.py).
 register_backend(
     "cov_accumulate",
     "triton",
