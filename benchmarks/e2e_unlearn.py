@@ -1,11 +1,13 @@
 """End-to-end timing: statistics + unlearning N facts on a random-initialised Llama-shaped model.
 
-    python benchmarks/e2e_unlearn.py --shape llama-3.2-1b --n 100      # GPU
-    python benchmarks/e2e_unlearn.py --shape tiny --n 10                # CPU smoke run
+    python benchmarks/e2e_unlearn.py --shape llama-3.1-8b --n 100 --stats-overhead   # GPU (gpu_check.sh 5)
+    python benchmarks/e2e_unlearn.py --shape tiny --n 10 --stats-overhead               # CPU smoke run
 
 Prints a table of wall time and peak memory per phase and writes JSON (``--json``). The model is
 random, so the quality numbers are meaningless here — this measures speed and memory only; the
 quality benchmark is the synthetic-world small model (``zu-fast demo`` / ``zu-fast eval``).
+``--stats-overhead`` first measures, on the same model, statistics against a plain truncated forward
+over the same texts (``stats_overhead.py``; issue target ≤ 1.15×), so one model build serves both.
 """
 
 from __future__ import annotations
@@ -36,9 +38,14 @@ def build(shape: str, device: str, dtype: torch.dtype):
     cfg = LlamaConfig(vocab_size=max(vocab, len(tok)), hidden_size=d, intermediate_size=d_ff, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.device(device):
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: no fp32 copy of an 8B model
+    try:
+        with torch.device(device):
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(cfg).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default)
     return model, tok, world, edit_layers
 
 
@@ -48,6 +55,11 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=100, help="facts to forget")
     p.add_argument("--texts", type=int, default=2000, help="corpus texts for the statistics")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--stats-overhead", action="store_true",
+                   help="first measure statistics vs a truncated forward on the same model")
+    p.add_argument("--overhead-texts", type=int, default=2000)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override an UnlearnConfig field (JSON value), e.g. original_representation='\"clean\"'")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -56,7 +68,19 @@ def main(argv=None) -> int:
     model, tok, world, layers = build(args.shape, device, dtype)
     t_build = time.perf_counter() - t0
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    cfg = zu_fast.UnlearnConfig.for_model(model, layers=layers, progress=False)
+    overhead = None
+    if args.stats_overhead:
+        from stats_overhead import measure  # a sibling script: run from benchmarks/ or with it on sys.path
+
+        overhead = measure(model, tok, (world.training_texts() * 4)[: args.overhead_texts], layers, device)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value  # a bare string
+    cfg = zu_fast.UnlearnConfig.for_model(model, layers=layers, progress=False, **overrides)
     corpus = world.training_texts()[: args.texts]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -76,12 +100,16 @@ def main(argv=None) -> int:
     dev_name = torch.cuda.get_device_name(0) if device == "cuda" else "cpu"
     res = {
         "device": dev_name, "shape": args.shape, "dtype": args.dtype, "n_requests": args.n, "layers": layers,
+        "overrides": overrides,
         "weights_gib": weights / 2**30, "stats_tokens": stats.meta["collection"]["tokens"],
         "seconds": {"build": t_build, "stats": t_stats, "unlearn": t_unlearn, "restore": t_restore,
                     **{f"unlearn.{k}": v for k, v in edit.report.timings.items()}},
         "peak_above_weights_gib": {"stats": peak_stats / 2**30,
                                    **{k: (v - weights) / 2**30 for k, v in edit.report.peak_memory_bytes.items()}},
         "targets": edit.report.targets,
+        "stats_overhead": overhead,
+        "update_backend": zu_fast.ops.choose("multiplicative_update_", device).name,
+        "cov_backend": zu_fast.ops.choose("cov_accumulate", device).name,
     }
     print(f"\n{args.shape} ({res['weights_gib']:.2f} GiB {args.dtype}) on {dev_name}: unlearn {args.n} facts")
     print("| phase | seconds |\n|---|---:|")

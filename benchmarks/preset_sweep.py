@@ -26,6 +26,19 @@ from zu_fast.eval import metrics, tinylm
 from zu_fast.eval.harness import tinylm_config
 
 
+def failures(bar: str, before: dict, after: dict) -> list[str]:
+    """What misses the bar (empty: met)."""
+    if bar == "acceptance":
+        return metrics.acceptance_failures(before, after)
+    checks = [
+        (after["efficacy"] <= 10, "efficacy"),
+        (after["generalization"] <= 30, "generalization"),
+        (after["specificity"] >= 0.75 * before["specificity"], "specificity"),
+        (after["perplexity"] <= 1.10 * before["perplexity"], "perplexity"),
+    ]
+    return [name for ok, name in checks if not ok]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--variants", required=True, help="JSON list of UnlearnConfig override dicts")
@@ -33,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=10, help="forget records per seed")
     p.add_argument("--tinylm", default=None, metavar="JSON", help="TinyLMConfig overrides (as in zu-fast eval)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--bar", default="acceptance", choices=["acceptance", "paper"],
+                   help="acceptance: Spe within 5 points (issue 2); paper: Spe ≥ 0.75 × base (the paper's "
+                        "Llama-3.1-8B retention), both with Eff ≤ 10, Gen ≤ 30, PPL ≤ 1.10 × base")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -62,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 after = metrics.evaluate(model, tok, records[s], heldout)
             finally:
                 edit.restore()
-            ok = not metrics.acceptance_failures(before[s], after)
+            ok = not failures(args.bar, before[s], after)
             for k in sums:
                 sums[k] += after[k] / len(seeds)
             passed += ok

@@ -108,8 +108,8 @@ def test_npz_without_mean_is_refused_for_the_centred_cross_moment(tmp_path):
     K = torch.randn(30, 8, dtype=torch.float64)
     _memit_npz(tmp_path / "m.npz", K, with_mean=False)
     with pytest.raises(ZuFastError, match="centred cross moment"):
-        load_npz_stats(tmp_path / "m.npz", layer=0)
-    st = load_npz_stats(tmp_path / "m.npz", 0, UnlearnConfig(layers=[0], centered_cross_moment=False))
+        load_npz_stats(tmp_path / "m.npz", 0, UnlearnConfig(layers=[0], centered_cross_moment=True))
+    st = load_npz_stats(tmp_path / "m.npz", layer=0)  # the default, uncentred, needs no mean
     assert st.info["mean"] == "missing" and st.n == 30
     _memit_npz(tmp_path / "bad.npz", K, mean_count=29)
     with pytest.raises(ZuFastError, match="same tokens"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import types
+import warnings
+from pathlib import Path
 
 import pytest
 
@@ -17,9 +19,8 @@ def _mcfg(model_type, n, **kw):
 @pytest.mark.parametrize(
     "model_type,n,layers,module",
     [
-        ("llama", 32, [19, 20, 21], "model.layers.{}.mlp.down_proj"),  # Llama-3.1-8B, reference layers
-        ("llama", 28, [16, 17, 18], "model.layers.{}.mlp.down_proj"),  # Llama-3.2-3B
-        ("qwen3", 36, [9, 10, 11], "model.layers.{}.mlp.down_proj"),  # Qwen3-4B
+        ("llama", 32, [19, 20, 21], "model.layers.{}.mlp.down_proj"),  # the paper's rule: ends at 21/32
+        ("llama", 28, [16, 17, 18], "model.layers.{}.mlp.down_proj"),
         ("qwen2", 24, [14, 15, 16], "model.layers.{}.mlp.down_proj"),
         ("mistral", 32, [19, 20, 21], "model.layers.{}.mlp.down_proj"),
         ("gpt2", 12, [6, 7, 8], "transformer.h.{}.mlp.c_proj"),
@@ -28,6 +29,57 @@ def _mcfg(model_type, n, **kw):
 def test_presets(model_type, n, layers, module):
     cfg = UnlearnConfig.for_model(_mcfg(model_type, n))
     assert cfg.layers == layers and cfg.rewrite_module_tmp == module
+
+
+PAPER_MODELS = {  # name → (model shape, the reference hparams file)
+    "llama-3.1-8b-instruct": (dict(model_type="llama", num_hidden_layers=32, hidden_size=4096,
+                                   intermediate_size=14336), "Llama-3.1-8B-Instruct.json"),
+    "llama-3.2-3b-instruct": (dict(model_type="llama", num_hidden_layers=28, hidden_size=3072,
+                                   intermediate_size=8192), "Llama-3.2-3B-Instruct.json"),
+    "qwen3-4b": (dict(model_type="qwen3", num_hidden_layers=36, hidden_size=2560, intermediate_size=9728),
+                 "Qwen3-4B.json"),
+}
+REF_HPARAMS = Path(__file__).parent / "fixtures" / "reference_hparams"
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_reference_hparams_files_load_unchanged(name):
+    """The authors' own hparams files (copied verbatim as fixtures) load, equal the named presets, and
+    the keys no ZeroUnlearn code reads are named in one warning."""
+    shape, fname = PAPER_MODELS[name]
+    ref = json.loads((REF_HPARAMS / "ZeroUnlearn" / fname).read_text())
+    with pytest.warns(UserWarning, match="no effect") as rec:
+        cfg = UnlearnConfig.from_json(REF_HPARAMS / "ZeroUnlearn" / fname)
+    msg = str(rec[0].message)
+    for key in ("L2", "nullspace_threshold", "retain_KKT_lam", "retain_VKT_lam"):
+        assert key in msg
+    assert cfg == UnlearnConfig.preset(name)
+    assert cfg.method == "closed_form" and cfg.layers == ref["layers"]
+    assert (cfg.mom2_update_weight_wk, cfg.mom2_update_weight_wv) == (ref["wiki_KKT_lam"], ref["wiki_VKT_lam"])
+    assert (cfg.forget_weight_fk, cfg.forget_weight_fv) == (ref["forget_KKT_lam"], ref["forget_VKT_lam"])
+    assert cfg.regularization_lam == ref["regularization_lam"] != ref["L2"]  # L2 is not λ
+    assert cfg.v_lr == ref["v_lr"] == 0.1 and cfg.v_loss_layer == ref["v_loss_layer"]
+    assert cfg.clamp_norm_factor == ref["clamp_norm_factor"] and cfg.kl_factor == ref["kl_factor"]
+    assert not cfg.centered_cross_moment
+    # GD: the folder selects the variant; the file's 0.02 is ignored as by the reference (it hard-codes 0.01)
+    with pytest.warns(UserWarning, match="hard-codes 0.01"):
+        gd = UnlearnConfig.from_json(REF_HPARAMS / "ZeroUnlearn_DG" / fname)
+    assert gd == UnlearnConfig.preset(name + "-gd")
+    assert gd.method == "gd" and gd.gd_null_threshold == 0.01 and gd.gd_null_energy is None
+    assert (gd.gd_lr, gd.gd_steps, gd.gd_tol) == (1e-3, 500, 0.0)
+    # for_model recognises the model by its shape and gives the same settings
+    assert UnlearnConfig.for_model(types.SimpleNamespace(**shape)) == cfg
+
+
+def test_named_presets_all_load():
+    names = UnlearnConfig.presets()
+    assert {"llama-3.1-8b-instruct", "qwen3-4b", "mistral-7b", "qwen2.5-7b", "llama-3-70b", "zu-tiny"} <= set(names)
+    for name, desc in names.items():
+        assert desc, name
+        UnlearnConfig.preset(name)
+    assert UnlearnConfig.preset("llama-3-70b").layers == [51, 52, 53]  # 21/32 of 80 layers
+    with pytest.raises(ZuFastError, match="no preset named 'llama-9'.*shipped presets"):
+        UnlearnConfig.preset("llama-9")
 
 
 def test_tiny_model_preset():
@@ -40,26 +92,46 @@ def test_tiny_model_preset():
         == "closed_form"
 
 
-def test_reference_hparams_keys(tmp_path):
-    ref = {
-        "layers": [4, 5, 6], "clamp_norm_factor": 0.75, "layer_selection": "all", "fact_token": "subject_last",
-        "v_num_grad_steps": 25, "v_lr": 0.5, "v_loss_layer": 31, "v_weight_decay": 0.5, "kl_factor": 0.0625,
-        "mom2_adjustment": True, "mom2_update_weight": 15000, "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
-        "layer_module_tmp": "model.layers.{}", "mlp_module_tmp": "model.layers.{}.mlp",
-        "attn_module_tmp": "model.layers.{}.self_attn", "ln_f_module": "model.norm", "lm_head_module": "lm_head",
-        "mom2_dataset": "wikipedia", "mom2_n_samples": 100000, "mom2_dtype": "float32", "L2": 1,
-    }
+def test_memit_style_keys(tmp_path):
+    """MEMIT/AlphaEdit files name λ_w as mom2_update_weight; EasyEdit bookkeeping keys only warn."""
+    ref = {"layers": [4, 5, 6], "v_lr": 0.5, "mom2_update_weight": 20000, "lm_head_module": "transformer.wte",
+           "rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "layer_module_tmp": "transformer.h.{}",
+           "stats_dir": "./data/stats", "device": 0, "mom2_adjustment": True}
     path = tmp_path / "hparams.json"
     path.write_text(json.dumps(ref))
-    with pytest.warns(UserWarning, match="no effect"):
+    with pytest.warns(UserWarning, match="stats_dir"):
         cfg = UnlearnConfig.from_json(path)
-    assert cfg.layers == [4, 5, 6] and cfg.mom2_update_weight_wk == cfg.mom2_update_weight_wv == 15000
-    assert cfg.regularization_lam == 1
+    assert cfg.layers == [4, 5, 6] and cfg.mom2_update_weight_wk == cfg.mom2_update_weight_wv == 20000
+    assert cfg.lm_head_module == "transformer.wte"
+
+
+def test_yaml_numbers_are_numbers(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "h.yaml"
+    path.write_text("layers: [1, 2]\nv_lr: 1e-1\nmom2_n_samples: '1000'\n")  # YAML 1.1 reads 1e-1 as a string
+    cfg = UnlearnConfig.from_json(path)
+    assert cfg.v_lr == 0.1 and isinstance(cfg.v_lr, float) and cfg.mom2_n_samples == 1000
+    path.write_text("layers: [1, 2]\nv_lr: fast\n")
+    with pytest.raises(ZuFastError, match="v_lr: expected a number"):
+        UnlearnConfig.from_json(path)
+
+
+def test_unsupported_reference_choices_are_refused():
+    with pytest.raises(ZuFastError, match="fact_token='last'"):
+        UnlearnConfig.from_dict({"fact_token": "last"})
+    with pytest.raises(ZuFastError, match="layer_selection"):
+        UnlearnConfig.from_dict({"layer_selection": "random"})
 
 
 def test_unknown_keys_are_refused():
     with pytest.raises(ZuFastError, match="unknown config keys.*layerz"):
         UnlearnConfig.from_dict({"layerz": [1]})
+
+
+def test_own_keys_load_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        UnlearnConfig.from_dict(UnlearnConfig(layers=[1, 2]).to_dict())
 
 
 @pytest.mark.parametrize(

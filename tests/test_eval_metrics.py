@@ -263,3 +263,85 @@ def test_acceptance_failures_bounds():
     bad = {"efficacy": 15.0, "generalization": 35.0, "specificity": 93.0, "perplexity": 3.31}
     fails = acceptance_failures(before, bad)
     assert len(fails) == 4 and fails[0].startswith("efficacy") and fails[3].startswith("perplexity")
+
+
+# --------------------------------------------------------------------------- the reference's evaluation ------
+# (record-by-record agreement with the reference's own code on the small model: test_reference_metrics.py)
+
+NLTK_CASES = [  # nltk.word_tokenize with Punkt's default parameters (the reference's tokenizer offline)
+    ('Mr. Smith went to J. Doe\'s house... It was late! "Why?" she asked (again). Yes.',
+     ["Mr", ".", "Smith", "went", "to", "J.", "Doe", "'s", "house", "...", "It", "was", "late", "!", "``", "Why",
+      "?", "''", "she", "asked", "(", "again", ")", ".", "Yes", "."]),
+    ("It's 3.5 km -- can't you see? Fine.' Then: go; now.",
+     ["It", "'s", "3.5", "km", "--", "ca", "n't", "you", "see", "?", "Fine", ".", "'", "Then", ":", "go", ";", "now",
+      "."]),
+    ("Alice Morvan was born in Lisbon. She plays the violin, gonna win.",
+     ["Alice", "Morvan", "was", "born", "in", "Lisbon", ".", "She", "plays", "the", "violin", ",", "gon", "na", "win",
+      "."]),
+]
+
+
+@pytest.mark.parametrize("text,words", NLTK_CASES)
+def test_word_tokenize_without_nltk_follows_nltk(monkeypatch, text, words):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_nltk(name, *a, **kw):
+        if name == "nltk":
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_nltk)
+    assert M.word_tokenize(text) == words
+
+
+def test_ngram_entropy_by_hand(monkeypatch):
+    monkeypatch.setattr(M, "word_tokenize", lambda s: s.split())
+    # bigrams ab, ba, ab: p = 2/3, 1/3; trigrams aba, bab: p = 1/2, 1/2
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert M.compute_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert M.ngram_entropy(["a b a b", "a b a b"]) == pytest.approx(M.compute_ngram_entropy("a b a b"))
+
+
+def test_tfidf_like_sklearn():
+    t = M.Tfidf.fit(["the cat sat", "the dog sat", "a cat"])  # "a" has one character: not a word
+    assert sorted(t.vocab) == ["cat", "dog", "sat", "the"]
+    assert t.idf[t.vocab["the"]] == pytest.approx(math.log(4 / 3) + 1)  # smooth idf: ln((1+n)/(1+df)) + 1
+    assert t.similarity("the cat", "The CAT!") == pytest.approx(1.0)
+    assert t.similarity("cat", "dog") == 0.0
+    assert math.isnan(t.similarity("cat", "zebra"))  # no known word: NaN, as the reference
+
+
+def test_summaries_are_means_of_record_means():
+    per = [{"rewrite_prompts_correct": [True], "paraphrase_prompts_correct": [True, False, False, False],
+            "neighborhood_prompts_correct": [],
+            "rewrite_prompts_probs": [{"target_new": 1.0, "target_true": 2.0}]},
+           {"rewrite_prompts_correct": [False], "paraphrase_prompts_correct": [True],
+            "neighborhood_prompts_correct": [True, False],
+            "rewrite_prompts_probs": [{"target_new": 3.0, "target_true": 2.0}]}]
+    s = M.summarize_scores(per)
+    assert s["efficacy"] == 50.0 and s["generalization"] == pytest.approx(62.5)  # (25 + 100) / 2, not 2/5
+    assert s["specificity"] == 50.0  # the record without neighbours is left out
+    assert s["es"] == 50.0  # NLL(true) > NLL(neutral) in one record of two
+    assert "multihop" not in s and "ps" not in s
+
+
+def test_counterfact_scores_read_the_reference_positions(tok):
+    """A fake model that knows exactly the reference's input ids: every answer token is hit."""
+    pairs = [("Tolu Koumko was born in", "Lisbon"), ("Furza Vesdrol plays the", "violin")]
+    table = {}
+    for prompt, answer in pairs:
+        full = tok(f"{prompt} {answer}")["input_ids"]
+        for j in range(len(tok(prompt)["input_ids"]), len(full)):
+            table[tuple(full[:j])] = full[j]
+    model = LookupLM(len(tok), table)
+    style = M.ReferenceStyle(n_prefix=1, space_join=False)
+    rec = {"requested_rewrite": {"prompt": "{} was born in", "subject": "Tolu Koumko",
+                                 "target_true": {"str": "Lisbon"}, "target_new": {"str": "Oslo"}},
+           "paraphrase_prompts": ["Furza Vesdrol plays the"], "neighborhood_prompts": []}
+    (out,) = M.counterfact_scores(model, tok, [rec], style=style)
+    assert out["rewrite_prompts_correct"] == [True] and out["paraphrase_prompts_correct"] == [False]
+    (probs,) = out["rewrite_prompts_probs"]
+    assert probs["target_true"] < probs["target_new"]  # the known answer is the likelier one
+    assert M.summarize_scores([out])["es"] == 0.0

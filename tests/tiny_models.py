@@ -25,6 +25,14 @@ def corpus(n: int = 64, seed: int = 0) -> list[str]:
     return out
 
 
+def word_corpus(n: int, seed: int = 1) -> list[str]:
+    """``n`` short texts of WORDS from Python's own RNG (the same on every platform and torch version)."""
+    import random
+
+    rnd = random.Random(seed)
+    return [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(4, 16))) + "." for _ in range(n)]
+
+
 @functools.cache
 def tokenizer() -> PreTrainedTokenizerFast:
     tk = Tokenizer(models.BPE(unk_token=None))

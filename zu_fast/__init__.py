@@ -6,6 +6,7 @@
     edit  = zu_fast.unlearn(model, tok, requests, cfg, stats=stats)
     edit.report; edit.save("dir"); edit.restore()
     zu_fast.Edit.load("dir").apply(model)
+    zu_fast.edits(model)      # the edits applied to the model, oldest first
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .config import UnlearnConfig  # noqa: E402
-from .edit import Edit, EditReport  # noqa: E402
+from .edit import Edit, EditReport, edits  # noqa: E402
 from .errors import StaleStatsError, ZuFastError  # noqa: E402
 from .method.unlearn import unlearn  # noqa: E402
 from .requests import UnlearnRequest  # noqa: E402
 from .stats.collect import CorpusStats, collect_stats  # noqa: E402
+from .unlearner import Unlearner  # noqa: E402,F401  (one-call editor: Unlearner(model, tok, cfg).forget(...))
 
 __all__ = [
     "CorpusStats",
@@ -29,5 +31,6 @@ __all__ = [
     "ZuFastError",
     "__version__",
     "collect_stats",
+    "edits",
     "unlearn",
 ]

@@ -1,38 +1,192 @@
-"""``zu-fast``: demo | stats | unlearn | eval | info."""
+"""``zu-fast``: demo | stats | unlearn | apply | restore | eval | info.
+
+Every error is one line on stderr and exit status 2 (``--debug``, anywhere on the line, shows the
+traceback instead). Everything that can be checked cheaply — request file, output folders, corpus
+lines, config, model folder, layers, weights — is checked before the statistics pass or any edit.
+Output folders are never deleted: a non-empty one is refused unless ``--overwrite``, which replaces
+only zu_fast's own files in it (``zu_fast.atomic``).
+
+Saved edited models (``unlearn --save-model``, ``apply --out``) carry ``zu_fast_edits.json``, the
+edits applied to them, oldest first. ``zu-fast restore EDIT --model DIR --out DIR`` takes a saved edit
+off such a model by applying its inverse (W ← D⁻¹W, or W − ΔW) and says whether every layer came back
+bit for bit (checked against the edit's base fingerprints) or only up to rounding; an edit under a
+later edit of the same layers is refused, naming it. (In Python, ``Edit.restore()`` is bit-exact.)
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Any
+
+EDITS_RECORD = "zu_fast_edits.json"  # in a saved edited model: the zu_fast edits applied to it, oldest first
 
 
-def _load_model(path: str, dtype: str):
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too (exit status 2, as every other error)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _default_device() -> str:
+    import torch
+
+    if hasattr(torch, "accelerator") and torch.accelerator.is_available():
+        return str(torch.accelerator.current_accelerator())
+    return "cpu"
+
+
+def _check_model_folder(path: str) -> Path:
+    """A local HuggingFace model folder, or a ZuFastError saying what is missing (never a hub lookup)."""
+    from .errors import ZuFastError
+
+    p = Path(path)
+    if not p.exists():
+        raise ZuFastError(f"model folder {path!r} does not exist (zu-fast reads local folders only, never the hub)")
+    if not p.is_dir():
+        raise ZuFastError(f"model path {path!r} is a file; give the folder with config.json and the weights")
+    if not (p / "config.json").exists():
+        raise ZuFastError(f"{path!r} is not a HuggingFace model folder (no config.json)")
+    return p
+
+
+def _load_model(path: str, dtype: str, device: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .errors import ZuFastError
+
+    _check_model_folder(path)
     torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True).to(device).eval()
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    device = device or _default_device()
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ZuFastError(f"--device {device!r}: {e}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ZuFastError(f"cannot load the model in {path!r}: {_one_line(str(e))}") from None
+    try:
+        model = model.to(device).eval()
+    except (RuntimeError, AssertionError) as e:
+        raise ZuFastError(f"--device {device!r}: cannot move the model there ({_one_line(str(e))})") from None
     return model, tok
 
 
 def _config(model, args):
     from .config import UnlearnConfig
+    from .errors import ZuFastError
 
-    overrides = {}
+    overrides: dict[str, Any] = {}
     if getattr(args, "layers", None):
-        overrides["layers"] = [int(x) for x in args.layers.split(",")]
+        try:
+            overrides["layers"] = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ZuFastError(f"--layers {args.layers!r}: expected comma-separated integers") from None
     if getattr(args, "neutral_target", None):
         overrides["neutral_target"] = args.neutral_target
-    if args.config:
+    if getattr(args, "method", None):
+        overrides["method"] = args.method
+    if getattr(args, "quiet", False):
+        overrides["progress"] = False
+    if getattr(args, "config", None):
         return UnlearnConfig.from_json(args.config, **overrides)
     return UnlearnConfig.for_model(model, **overrides)
 
 
+def _read_requests(path: str) -> list:
+    """The records in a .jsonl (one per line) or .json (a list) file; errors name the file and line."""
+    from .errors import ZuFastError
+    from .requests import normalize_requests
+
+    p = Path(path)
+    if not p.is_file():
+        raise ZuFastError(f"requests file {path!r} does not exist" if not p.exists() else
+                          f"requests path {path!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZuFastError(f"{path}: cannot be read ({e})") from None
+    if p.suffix == ".jsonl":
+        records = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ZuFastError(f"{path}:{i + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ZuFastError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if isinstance(records, dict):
+            records = [records]
+        if not isinstance(records, list):
+            raise ZuFastError(f"{path}: expected a list of request records, found {type(records).__name__}")
+    try:
+        return normalize_requests(records)
+    except ZuFastError as e:
+        raise ZuFastError(f"{path}: {e}") from None
+
+
+def _same_folder(a: str, b: str) -> bool:
+    try:
+        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_model_out(out: str, model_dir: str, overwrite: bool, flag: str) -> None:
+    from .atomic import check_target
+    from .errors import ZuFastError
+
+    if _same_folder(out, model_dir) or Path(out).resolve() == Path(model_dir).resolve():
+        raise ZuFastError(f"{flag} {out!r} is the source model folder; zu_fast never writes over the model it read "
+                          "(choose another folder)")
+    check_target(out, overwrite=overwrite, what="model")
+
+
+def _read_record(model_dir: str) -> list[dict[str, Any]]:
+    from .atomic import read_json
+    from .errors import ZuFastError
+
+    p = Path(model_dir) / EDITS_RECORD
+    if not p.exists():
+        return []
+    edits = read_json(p, "zu_fast edited model").get("edits")
+    if not isinstance(edits, list):
+        raise ZuFastError(f"{p}: corrupted, no 'edits' list")
+    return edits
+
+
+def _save_model(model, tok, out: str, overwrite: bool, record: list[dict[str, Any]]) -> None:
+    """save_pretrained + tokenizer + the edit record, written safely (``zu_fast.atomic.write_into``)."""
+    from .atomic import write_into
+
+    def writer(tmp: Path) -> None:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / EDITS_RECORD).write_text(json.dumps({"format_version": 1, "edits": record}, indent=2))
+
+    write_into(out, writer, overwrite=overwrite, what="model", last=[EDITS_RECORD])
+
+
+def _say(args, *msg: Any) -> None:
+    if not getattr(args, "quiet", False):
+        print(*msg, flush=True)
+
+
+# ------------------------------------------------------------------------------------ commands -----
 def cmd_demo(args) -> int:
     import torch
 
@@ -43,9 +197,9 @@ def cmd_demo(args) -> int:
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("zu_fast demo: the project's own small model on a world of fictitious people", flush=True)
-    model, tok, world = tinylm.load_or_train(progress=True)
+    model, tok, world = tinylm.load_or_train(progress=not args.quiet)
     records = world.records(args.n, seed=args.seed)
-    cfg = UnlearnConfig.for_model(model)
+    cfg = UnlearnConfig.for_model(model, progress=not args.quiet)
     print(f"model ready ({time.perf_counter() - t0:.1f} s): method {cfg.method}, edit layers {cfg.layers}; "
           f"forgetting {len(records)} facts", flush=True)
     stats = collect_stats(model, tok, world.training_texts(), cfg)
@@ -72,45 +226,130 @@ def cmd_demo(args) -> int:
 
 def cmd_stats(args) -> int:
     from . import collect_stats
+    from .atomic import check_target
+    from .errors import StaleStatsError
     from .stats import describe
+    from .stats.corpus import read_corpus
+    from .stats.store import save_stats
 
-    model, tok = _load_model(args.model, args.dtype)
+    _check_model_folder(args.model)
+    out_is_stats = bool(args.out) and (Path(args.out) / "meta.json").exists()
+    if args.out and not out_is_stats:
+        check_target(args.out, overwrite=args.overwrite, what="statistics")
+    if not Path(args.corpus).is_file():
+        read_corpus(args.corpus)  # the error naming it
+    model, tok = _load_model(args.model, args.dtype, args.device)
     cfg = _config(model, args)
     cfg = cfg.replace(**({"mom2_n_samples": args.n_samples} if args.n_samples else {}))
-    stats = collect_stats(model, tok, args.corpus, cfg, cache_path=args.out)
+    texts = read_corpus(args.corpus, cfg.mom2_n_samples)  # every line checked before the statistics pass
+    if args.out and (args.overwrite and Path(args.out).exists()):
+        try:  # statistics of this model already there: keep them; else recompute and replace only ours
+            stats = collect_stats(model, tok, texts, cfg, cache_path=args.out) if out_is_stats else None
+        except (StaleStatsError, ValueError) as e:
+            _say(args, f"zu-fast stats: replacing the statistics in {args.out} ({_one_line(str(e))[:200]})")
+            stats = None
+        if stats is None:
+            stats = collect_stats(model, tok, texts, cfg, cache=False)
+            save_stats(args.out, stats.layers, stats.meta, overwrite=True)
+            stats.path = args.out
+    else:
+        stats = collect_stats(model, tok, texts, cfg, cache_path=args.out)
     print(describe(stats))
     return 0
 
 
 def cmd_unlearn(args) -> int:
     from . import collect_stats, unlearn
+    from .atomic import check_target
+    from .errors import ZuFastError
+    from .method.unlearn import _check_before_work
+    from .model import edit_targets
+    from .stats.collect import CorpusStats
+    from .stats.corpus import read_corpus
+    from .stats.store import check_stats_for_model, load_stats, read_meta
 
-    model, tok = _load_model(args.model, args.dtype)
-    cfg = _config(model, args)
-    path = Path(args.requests)
-    if path.suffix == ".jsonl":
-        requests = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:
-        requests = json.loads(path.read_text())
-    if args.corpus:  # collected once, then loaded from the cache (or --stats folder) when it matches
-        stats = collect_stats(model, tok, args.corpus, cfg, cache_path=args.stats)
-    elif args.stats:
-        from .stats.collect import CorpusStats, stats_model_fingerprint
-        from .stats.store import load_stats
-
-        layers, meta = load_stats(args.stats, expect={"model_fingerprint": stats_model_fingerprint(model, cfg)})
-        stats = CorpusStats(layers, meta, args.stats)
-    else:
-        print("zu-fast unlearn: give --corpus (statistics are collected and cached) or --stats DIR", file=sys.stderr)
-        return 2
-    edit = unlearn(model, tok, requests, cfg, stats=stats)
-    edit.save(args.out)
-    print(edit.report)
-    print(f"saved edit to {args.out}; apply with zu_fast.Edit.load({args.out!r}).apply(model)")
+    # everything that can be wrong with the inputs, before the model is even loaded
+    requests = _read_requests(args.requests)
+    check_target(args.out, overwrite=args.overwrite, what="edit")
     if args.save_model:
-        model.save_pretrained(args.save_model)
-        tok.save_pretrained(args.save_model)
+        _check_model_out(args.save_model, args.model, args.overwrite, "--save-model")
+    _check_model_folder(args.model)
+    if not args.corpus and not args.stats:
+        raise ZuFastError("give --corpus (statistics are collected and cached) or --stats DIR")
+    if args.corpus and not Path(args.corpus).is_file():
+        read_corpus(args.corpus)  # the error naming it
+    if args.stats and not args.corpus:
+        read_meta(args.stats)  # a statistics folder, readable
+    if args.config:
+        from .config import UnlearnConfig
+
+        with warnings.catch_warnings():  # (said once, below)
+            warnings.simplefilter("ignore")
+            UnlearnConfig.from_json(args.config)  # a bad file is refused before the model is loaded
+    model, tok = _load_model(args.model, args.dtype, args.device)
+    cfg = _config(model, args)
+    edit_targets(model, cfg)  # layers and module names
+    _check_before_work(model, tok, requests, cfg)  # weights finite, requests fit the context
+    if args.corpus:  # collected once, then loaded from the cache (or --stats folder) when it matches
+        texts = read_corpus(args.corpus, cfg.mom2_n_samples)  # every line checked before the statistics pass
+        stats = collect_stats(model, tok, texts, cfg, cache_path=args.stats)
+    else:
+        layers, meta = load_stats(args.stats)
+        stats = CorpusStats(layers, meta, args.stats)
+        check_stats_for_model(model, cfg, stats)
+    edit = unlearn(model, tok, requests, cfg, stats=stats)
+    edit.save(args.out, overwrite=args.overwrite)
+    print(edit.report)
+    print(f"saved edit {edit.id} to {args.out}; apply with zu-fast apply {args.out} --model DIR --out DIR, or "
+          f"zu_fast.Edit.load({args.out!r}).apply(model)")
+    if args.save_model:
+        _save_model(model, tok, args.save_model, args.overwrite, _read_record(args.model) + [edit.summary()])
         print(f"saved edited model to {args.save_model}")
+    return 0
+
+
+def cmd_apply(args) -> int:
+    from .edit import Edit
+
+    edit = Edit.load(args.edit)
+    _check_model_folder(args.model)
+    _check_model_out(args.out, args.model, args.overwrite, "--out")
+    record = _read_record(args.model)
+    model, tok = _load_model(args.model, args.dtype, args.device)
+    edit.apply(model, cast=args.cast)
+    for layer, how in sorted(edit.verification.items()):
+        _say(args, f"layer {layer}: {how}")
+    _save_model(model, tok, args.out, args.overwrite, record + [edit.summary()])
+    print(f"applied {edit.name} and saved the edited model to {args.out}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from .edit import Edit
+    from .errors import ZuFastError
+
+    edit = Edit.load(args.edit)
+    _check_model_folder(args.model)
+    _check_model_out(args.out, args.model, args.overwrite, "--out")
+    record = _read_record(args.model)
+    mine = [i for i, r in enumerate(record) if r.get("id") == edit.id]
+    if mine:
+        later = [r for r in record[mine[-1] + 1:] if set(r.get("layers") or []) & set(edit.layers)]
+        if later:
+            names = "; ".join(f"edit {r.get('id')} (layers {r.get('layers')})" for r in reversed(later))
+            raise ZuFastError(f"cannot restore {edit.name} from {args.model}: edits applied after it change the same "
+                              f"layers (newest first: {names}); restore those first")
+    model, tok = _load_model(args.model, args.dtype, args.device)
+    exact = edit.remove(model)
+    record = [r for i, r in enumerate(record) if i not in mine[-1:]]
+    _save_model(model, tok, args.out, args.overwrite, record)
+    if all(exact.values()):
+        print(f"removed {edit.name}: every edited layer is bit-identical to the weights it was made for; saved to "
+              f"{args.out}")
+    else:
+        off = [layer for layer, ok in exact.items() if not ok]
+        print(f"removed {edit.name} by its inverse: layers {off} are the original weights up to rounding (an inverse "
+              f"cannot undo the edit's rounding; keep the original model for a bit-exact copy); saved to {args.out}")
     return 0
 
 
@@ -154,46 +393,113 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zu-fast", description="Fast few-shot knowledge unlearning (ZeroUnlearn)")
+    p = _Parser(prog="zu-fast", description="Fast few-shot knowledge unlearning (ZeroUnlearn). Errors: one line "
+                "on stderr, exit status 2; --debug anywhere shows the traceback.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="train/load the small model, unlearn facts, print before/after, restore")
     d.add_argument("--n", type=int, default=10, help="facts to forget")
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    def model_args(q):
+    def model_args(q, config: bool = True):
         q.add_argument("--model", required=True, help="local HF model folder")
         q.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-        q.add_argument("--config", help="UnlearnConfig JSON/YAML (ours or the reference hparams)")
-        q.add_argument("--layers", help="comma-separated layers to edit (default: the model's preset)")
+        q.add_argument("--device", help="where to run (default: the accelerator if there is one, else cpu)")
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        if config:
+            q.add_argument("--config", help="UnlearnConfig JSON/YAML (ours or the reference hparams)")
+            q.add_argument("--layers", help="comma-separated layers to edit (default: the model's preset)")
+
+    def overwrite_arg(q, what: str):
+        q.add_argument("--overwrite", action="store_true",
+                       help=f"write into non-empty {what} folders, replacing only zu_fast's own files there")
 
     s = sub.add_parser("stats", help="collect and cache corpus statistics")
     model_args(s)
     s.add_argument("--corpus", required=True, help=".txt (one text per line) or .jsonl with a 'text' field")
     s.add_argument("--out", help="statistics folder (default: the cache)")
     s.add_argument("--n-samples", type=int, help="texts to read at most")
+    overwrite_arg(s, "--out")
 
     u = sub.add_parser("unlearn", help="unlearn requests and save the edit")
     model_args(u)
     u.add_argument("--requests", required=True, help=".jsonl or .json list of {prompt, subject, target_true}")
     u.add_argument("--corpus", help="corpus for the statistics (cached)")
     u.add_argument("--stats", help="statistics folder from `zu-fast stats --out`")
+    u.add_argument("--method", choices=["closed_form", "gd"], help="ZeroUnlearn (closed form) or ZeroUnlearn-GD")
     u.add_argument("--neutral-target", help="string the model should say instead (default: EOS)")
     u.add_argument("--out", required=True, help="folder for the saved edit")
-    u.add_argument("--save-model", help="also save the edited model here")
+    u.add_argument("--save-model", help="also save the edited model here (never the source folder)")
+    overwrite_arg(u, "--out/--save-model")
+
+    a = sub.add_parser("apply", help="apply a saved edit to a model folder and save the edited model")
+    a.add_argument("edit", help="folder written by `zu-fast unlearn --out` or Edit.save")
+    model_args(a, config=False)
+    a.add_argument("--out", required=True, help="folder for the edited model (never the source folder)")
+    a.add_argument("--cast", action="store_true", help="allow a model of another dtype (e.g. a bf16 copy of the "
+                   "fp32 weights the edit was made for)")
+    overwrite_arg(a, "--out")
+
+    r = sub.add_parser("restore", help="take a saved edit off a saved edited model (inverse edit; says whether "
+                       "the result is bit-identical)")
+    r.add_argument("edit", help="the saved edit to take off")
+    model_args(r, config=False)
+    r.add_argument("--out", required=True, help="folder for the restored model (never the source folder)")
+    overwrite_arg(r, "--out")
 
     sub.add_parser("eval", help="compare methods on the synthetic world (see zu-fast eval --help)", add_help=False)
     sub.add_parser("info", help="versions, devices, ops and their backends")
     return p
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = _one_line(str(message))
+    text = text[len("zu_fast: "):] if text.startswith("zu_fast: ") else text
+    print(f"zu-fast: warning: {text}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 success, 2 any error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] == "eval":
         return cmd_eval(None, argv[1:])
+    parser = build_parser()
     args = parser.parse_args(argv)
-    return {"demo": cmd_demo, "stats": cmd_stats, "unlearn": cmd_unlearn, "info": cmd_info}[args.cmd](args)
+    cmd = {"demo": cmd_demo, "stats": cmd_stats, "unlearn": cmd_unlearn, "apply": cmd_apply,
+           "restore": cmd_restore, "info": cmd_info}[args.cmd]
+    if getattr(args, "quiet", False):
+        try:  # transformers' own loading/saving bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
+    if debug:
+        return cmd(args)
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return cmd(args)
+    except KeyboardInterrupt:
+        print(f"zu-fast {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001  (every error: one line, exit 2; --debug for the traceback)
+        from .errors import ZuFastError
+
+        what = _one_line(str(e)) or type(e).__name__
+        if not isinstance(e, (ZuFastError, OSError)):
+            what = f"{type(e).__name__}: {what} (an unexpected error: run with --debug for the traceback)"
+        print(f"zu-fast {args.cmd}: error: {what}", file=sys.stderr)
+        return 2
+    finally:
+        warnings.showwarning = old_show
 
 
 if __name__ == "__main__":

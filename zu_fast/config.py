@@ -1,8 +1,11 @@
 """UnlearnConfig: every knob of the method, presets per architecture, JSON/YAML loading.
 
-Defaults are the reference values of ALGORITHM.md. ``UnlearnConfig.from_json`` also accepts the
-hparams files of the reference code base (MEMIT/AlphaEdit key names), mapping each key it knows
-and refusing keys it does not know, so nothing is silently dropped.
+Defaults are the reference values (ALGORITHM.md and the authors' ``hparams/ZeroUnlearn/*.json``).
+``UnlearnConfig.from_json`` also reads the reference code base's hparams files unchanged (and the
+MEMIT / AlphaEdit / EasyEdit key names): every key it knows is mapped, keys that no ZeroUnlearn code
+path reads are accepted with a warning that says so, and unknown keys are refused, so nothing is
+silently dropped. Named presets (``UnlearnConfig.preset(name)``) are data files in
+``zu_fast/presets/``.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ class UnlearnConfig:
 
     # --- step 2: target hidden states z -------------------------------------------------
     v_num_grad_steps: int = 25
-    v_lr: float = 0.5
+    v_lr: float = 0.1  # the reference's hparams files (1e-1)
     v_weight_decay: float = 0.5
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
@@ -52,6 +55,14 @@ class UnlearnConfig:
     # Each step forwards the running requests' prompts in up to this many batches padded to their own
     # longest prompt (1: one batch padded to the longest of all; see method/targets.length_buckets).
     targets_length_buckets: int = 4
+    # The reference reads the target NLL from ``ln_f(output of decoder layer v_loss_layer)`` through the
+    # LM head (the KL term always from the model's own logits). None or the last layer: the model's own
+    # logits. Only Qwen3-4B's reference file names a layer below the top (31 of 36), kept for fidelity.
+    v_loss_layer: int | None = None
+    ln_f_module: str = "model.norm"  # used only when v_loss_layer is below the last layer
+    # Requests whose target loss stays above this after the optimisation are reported as not converged
+    # (a warning and ``edit.report.flags``): their neutral target is not the model's likely continuation.
+    target_warn_loss: float = 0.7
 
     # --- step 3: original representation and projector ----------------------------------
     projector_eps: float = 0.01  # P = (1+ε) I − U Uᵀ
@@ -71,7 +82,9 @@ class UnlearnConfig:
     forget_weight_fk: float = 50.0  # λ_fK
     forget_weight_fv: float = 50.0  # λ_fV
     regularization_lam: float = 1.0  # λ
-    centered_cross_moment: bool = True  # the reference's centred, (n−1)-normalised X
+    # X = (1/(n−1)) Σ v kᵀ (uncentred, what the reference computes: its running-mean merge shrinks the
+    # means to ~0); True: the exactly centred (1/(n−1)) Σ (v−μ_v)(k−μ_k)ᵀ its code was written for.
+    centered_cross_moment: bool = False
     closed_form: str = "fast"  # "fast" (one W·C·Wᵀ product) or "exact" (dense, for verification)
     gram_chunk: int = 4096  # columns of C per chunk in the W·C·Wᵀ product
     gram_precision: str = "auto"  # "auto", "fp64", "fp32", "bf16x2" (bf16 tensor cores, split hi+lo)
@@ -96,6 +109,11 @@ class UnlearnConfig:
     # trajectory: Adam is not rotation invariant; far cheaper per step; its lr is scaled by
     # sqrt(d_in / null rank) so that a step makes the dense Δ's progress; see RESULTS.md).
     gd_variable: str = "dense"
+
+    # --- safety --------------------------------------------------------------------------
+    # An edited layer whose weight moves by more than this fraction of its Frobenius norm is flagged
+    # (a warning with the numbers and ``edit.report.flags``); see benchmarks/RESULTS.md for typical sizes.
+    max_rel_weight_change: float = 0.1
 
     # --- misc -----------------------------------------------------------------------------
     batch_size: int = 32  # prompts per forward when reading keys/values
@@ -140,6 +158,10 @@ class UnlearnConfig:
                 f"config.gd_null_energy must be in (0, 1) (a fraction of tr C), got {self.gd_null_energy}")
         if self.regularization_lam < 0 or self.projector_eps < -1:
             raise ZuFastError("config.regularization_lam must be ≥ 0 and projector_eps > -1")
+        if self.v_loss_layer is not None and int(self.v_loss_layer) < 0:
+            raise ZuFastError(f"config.v_loss_layer must be a layer index ≥ 0 (or None), got {self.v_loss_layer}")
+        if not self.max_rel_weight_change > 0 or not self.target_warn_loss >= 0:
+            raise ZuFastError("config.max_rel_weight_change must be > 0 and target_warn_loss ≥ 0")
 
     @property
     def z_layer(self) -> int:
@@ -155,53 +177,87 @@ class UnlearnConfig:
     # ---------------------------------------------------------------- loading ---------
     @classmethod
     def from_dict(cls, data: dict[str, Any], **overrides: Any) -> UnlearnConfig:
-        """Build from our own keys or the reference code's hparams keys (unknown keys are refused)."""
-        own = {f.name for f in dataclasses.fields(cls)}
+        """Build from our own keys or the reference code's hparams keys.
+
+        Keys of the reference (ZeroUnlearn, MEMIT, AlphaEdit, EasyEdit) that no ZeroUnlearn code path
+        reads are accepted with one warning naming them and why; unknown keys are refused. Numbers
+        written as strings (YAML 1.1 reads ``1e-1`` as a string) are converted by the field's type.
+        """
+        own = {f.name: f for f in dataclasses.fields(cls)}
+        merged = {**data, **overrides}
         kwargs: dict[str, Any] = {}
-        unknown = []
-        ignored = []
-        for key, value in {**data, **overrides}.items():
+        unknown, no_effect = [], {}
+        # a ZeroUnlearn file names both λ_w (wiki_*_lam) and MEMIT's mom2_update_weight: λ_w wins
+        has_wiki = "wiki_KKT_lam" in merged or "wiki_VKT_lam" in merged
+        for key, value in merged.items():
             if key in own:
                 kwargs[key] = value
+            elif key == "mom2_update_weight" and has_wiki:
+                no_effect[key] = "the ZeroUnlearn code reads wiki_KKT_lam / wiki_VKT_lam instead"
             elif key in _REFERENCE_KEYS:
                 target = _REFERENCE_KEYS[key]
-                if target is None:
-                    ignored.append(key)
-                elif callable(target):
-                    kwargs.update(target(value))
+                if callable(target):
+                    fields, why = target(value)
+                    kwargs.update(fields)
+                    if why:
+                        no_effect[key] = why
                 else:
                     kwargs[target] = value
+            elif key in _NO_EFFECT_KEYS:
+                why = _NO_EFFECT_KEYS[key]
+                if why:
+                    no_effect[key] = why
             else:
                 unknown.append(key)
         if unknown:
             raise ZuFastError(
-                f"unknown config keys {sorted(unknown)}; known: our fields {sorted(own)} and the "
-                f"reference hparams keys {sorted(_REFERENCE_KEYS)}"
+                f"unknown config keys {sorted(unknown)}; known: our fields {sorted(own)}, the reference hparams "
+                f"keys {sorted(_REFERENCE_KEYS)} and the keys accepted without effect {sorted(_NO_EFFECT_KEYS)}"
             )
-        if ignored:
+        if no_effect:
             warnings.warn(
-                f"reference hparams keys {sorted(ignored)} have no effect in zu_fast "
-                "(see UnlearnConfig docs for why)",
+                "config keys with no effect in zu_fast: "
+                + "; ".join(f"{k} ({why})" for k, why in sorted(no_effect.items())),
                 stacklevel=2,
             )
-        return cls(**kwargs)
+        return cls(**{k: _coerce(own[k], k, v) for k, v in kwargs.items()})
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides: Any) -> UnlearnConfig:
-        """Load a JSON (or .yaml/.yml) file with our keys or the reference hparams keys."""
+        """Load a JSON (or .yaml/.yml) file with our keys or the reference hparams keys.
+
+        A file in a folder named ``ZeroUnlearn_DG`` (the reference's GD hparams) selects the GD variant
+        with the reference's hard-coded GD settings, as the reference does by folder name.
+        """
         path = Path(path)
-        text = path.read_text()
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ZuFastError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
         if path.suffix in (".yaml", ".yml"):
             try:
                 import yaml
             except ImportError as e:  # pragma: no cover - depends on the environment
                 raise ZuFastError("reading YAML configs needs pyyaml: pip install pyyaml") from e
-            data = yaml.safe_load(text)
+            try:
+                data = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                raise ZuFastError(f"{path}: not valid YAML ({e})") from None
         else:
-            data = json.loads(text)
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ZuFastError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, dict):
             raise ZuFastError(f"{path}: expected a mapping of config keys")
-        return cls.from_dict(data, **overrides)
+        if path.parent.name in _REFERENCE_GD_DIRS and "method" not in data and "method" not in overrides:
+            # The reference picks the algorithm by the hparams folder (hparams/<alg_name>/<model>.json);
+            # its GD hard-codes Adam lr 1e-3, 500 steps and no early stop.
+            data = {**data, **_REFERENCE_GD}
+        try:
+            return cls.from_dict(data, **overrides)
+        except ZuFastError as e:
+            raise ZuFastError(f"{path}: {e}") from None
 
     def save_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
@@ -209,110 +265,311 @@ class UnlearnConfig:
     # ---------------------------------------------------------------- presets ---------
     @classmethod
     def for_model(cls, model: Any, **overrides: Any) -> UnlearnConfig:
-        """Preset for a HuggingFace causal LM (Llama, Qwen2/3, Mistral, GPT-2 style, zu-tiny)."""
+        """Preset for a HuggingFace causal LM (or its config): the paper's exact settings for the models
+        it tunes (see :meth:`preset`), else module names for the family (``SUPPORTED_FAMILIES``), layers
+        by the paper's depth rule and GD's null space by the scale-free energy rule.
+
+        Given a model (not just its config), module names are checked on it and the LM head and final
+        norm are taken from it (transformers renames them between versions), an unknown decoder-only
+        architecture is probed for the usual names (with a warning saying what was guessed, unless
+        ``overrides`` set the templates), and the layers are validated here: a config that cannot work
+        on this model raises ZuFastError now, not at the first expensive call.
+        """
         mcfg = getattr(model, "config", model)
-        return cls(**{**preset_for(mcfg), **overrides})
+        module = model if hasattr(model, "named_modules") else None
+        fields = preset_for(mcfg, explicit=set(overrides), model=module)
+        cfg = cls(**{**fields, **overrides})
+        if module is not None:
+            _check_on_model(module, cfg)
+        else:
+            n = _n_layers(mcfg)
+            if n is not None and max(cfg.layers) >= n:
+                raise ZuFastError(f"layers {cfg.layers} out of range: the model has {n} layers (0..{n - 1})")
+        return cfg
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> UnlearnConfig:
+        """A named preset from ``zu_fast/presets/<name>.json`` (names: :meth:`presets`).
+
+        ``"llama-3.1-8b-instruct"``, ``"llama-3.2-3b-instruct"`` and ``"qwen3-4b"`` are the paper's
+        hparams files exactly (``...-gd`` for ZeroUnlearn-GD); others follow the paper's layer rule.
+        """
+        data = _load_preset(name)
+        return cls(**{**data["config"], **overrides})
+
+    @staticmethod
+    def presets() -> dict[str, str]:
+        """Names of the shipped presets → their one-line descriptions."""
+        return {p.stem: _load_preset(p.stem).get("description", "") for p in sorted(PRESETS_DIR.glob("*.json"))}
 
 
-# reference hparams key → our field, None (accepted, no effect), or a function returning fields
-def _mom2_weight(v: Any) -> dict[str, Any]:
-    return {"mom2_update_weight_wk": float(v), "mom2_update_weight_wv": float(v)}
+def _coerce(f: dataclasses.Field, name: str, value: Any) -> Any:
+    """``value`` converted to field ``f``'s scalar type when it is a numeric string or an int for a float."""
+    kind = str(f.type)
+    if isinstance(value, bool) or value is None:
+        return value
+    try:
+        if kind in ("float", "float | None") and isinstance(value, (str, int)):
+            return float(value)
+        if kind in ("int", "int | None") and isinstance(value, str):
+            return int(value)
+    except ValueError:
+        raise ZuFastError(f"config.{name}: expected a number, got {value!r}") from None
+    return value
 
+
+# Reference hparams key → our field, or a function value → (fields, why-no-effect or None).
+def _mom2_weight(v: Any) -> tuple[dict[str, Any], None]:
+    return {"mom2_update_weight_wk": float(v), "mom2_update_weight_wv": float(v)}, None
+
+
+def _nullspace_threshold(v: Any) -> tuple[dict[str, Any], str]:
+    # The reference's GD hard-codes 0.01 whatever the file says (0.02 in every shipped file).
+    return {"gd_null_threshold": 0.01}, (f"the reference's GD ignores it ({v}) and hard-codes 0.01, which "
+                                         "zu_fast uses too (gd_null_threshold=0.01)")
+
+
+def _fact_token(v: Any) -> tuple[dict[str, Any], None]:
+    if v != "subject_last":
+        raise ZuFastError(f"fact_token={v!r}: zu_fast reads keys at the subject's last token ('subject_last') only")
+    return {}, None
+
+
+def _layer_selection(v: Any) -> tuple[dict[str, Any], None]:
+    if v != "all":
+        raise ZuFastError(f"layer_selection={v!r}: zu_fast edits every listed layer ('all') only")
+    return {}, None
+
+
+_REFERENCE_GD_DIRS = ("ZeroUnlearn_DG", "ZeroUnlearn_GD")
+_REFERENCE_GD = {"method": "gd", "gd_lr": 1e-3, "gd_steps": 500, "gd_tol": 0.0, "gd_orth_weight": 1.0,
+                 "gd_remap_weight": 100.0, "gd_norm_weight": 0.1}
 
 _REFERENCE_KEYS: dict[str, Any] = {
-    "layers": "layers",
-    "rewrite_module_tmp": "rewrite_module_tmp",
-    "layer_module_tmp": "layer_module_tmp",
-    "lm_head_module": "lm_head_module",
-    "v_num_grad_steps": "v_num_grad_steps",
-    "v_lr": "v_lr",
-    "v_weight_decay": "v_weight_decay",
-    "clamp_norm_factor": "clamp_norm_factor",
-    "kl_factor": "kl_factor",
-    "mom2_n_samples": "mom2_n_samples",
+    # ZeroUnlearn (hparams/ZeroUnlearn/*.json, hparams/ZeroUnlearn_DG/*.json)
+    "wiki_KKT_lam": "mom2_update_weight_wk",
+    "wiki_VKT_lam": "mom2_update_weight_wv",
+    "forget_KKT_lam": "forget_weight_fk",
+    "forget_VKT_lam": "forget_weight_fv",
+    "nullspace_threshold": _nullspace_threshold,
+    "fact_token": _fact_token,
+    "layer_selection": _layer_selection,
+    # MEMIT / AlphaEdit / ROME names
     "mom2_update_weight": _mom2_weight,
-    "mom2_update_weight_wk": "mom2_update_weight_wk",
-    "mom2_update_weight_wv": "mom2_update_weight_wv",
-    "forget_weight": lambda v: {"forget_weight_fk": float(v), "forget_weight_fv": float(v)},
-    "L2": "regularization_lam",
-    "regularization_lam": "regularization_lam",
-    "nullspace_threshold": "gd_null_threshold",
+    "forget_weight": lambda v: ({"forget_weight_fk": float(v), "forget_weight_fv": float(v)}, None),
     "target_new": "neutral_target",
-    # accepted for compatibility; zu_fast derives these or has no equivalent
-    "alg_name": None,
-    "model_name": None,
-    "layer_selection": None,  # always "all": every listed layer is edited
-    "fact_token": None,  # always "subject_last"
-    "v_loss_layer": None,  # always the last layer (the model's own logits)
-    "mlp_module_tmp": None,
-    "attn_module_tmp": None,
-    "ln_f_module": None,  # the model's own forward applies it
-    "mom2_dataset": None,  # the corpus is an argument of collect_stats
-    "mom2_dtype": None,  # accumulators are always fp32, solves fp64
-    "mom2_adjustment": None,
-    "context_template_length_params": None,
-    "max_length": None,
+}
+
+# Accepted keys that change nothing: "" = silently (bookkeeping, or what zu_fast always does), else the
+# reason, given in one warning (a user should know that a number in their file is not used).
+_NO_EFFECT_KEYS: dict[str, str] = {
+    "alg_name": "",
+    "model_name": "",
+    "mlp_module_tmp": "",  # read by no ZeroUnlearn code path
+    "attn_module_tmp": "",
+    "mom2_dataset": "",  # the corpus is an argument of collect_stats
+    "mom2_dtype": "",  # accumulators are always fp32, solves fp64
+    "mom2_adjustment": "",  # a ROME/MEMIT switch; ZeroUnlearn always uses the statistics
+    "L2": "read by no ZeroUnlearn code path of the reference (λ is regularization_lam)",
+    "retain_KKT_lam": "read by no code path of the reference (retain records are only appended to the corpus)",
+    "retain_VKT_lam": "read by no code path of the reference (retain records are only appended to the corpus)",
+    "context_template_length_params": "zu_fast generates one 10-token template per prompt, as the reference does",
+    "max_length": "statistics truncate texts to stats_max_length (and the model's context)",
+    # EasyEdit / MEMIT bookkeeping: where things live, not what the method computes
+    "stats_dir": "statistics are cached under ZU_FAST_CACHE or the cache_path argument",
+    "device": "zu_fast works on the devices the model lives on",
+    "model_parallel": "zu_fast works on the devices the model lives on",
+    "batch_size_eval": "",
+    "max_epochs": "",
+    "kl_coef": "",
+    "fp16": "zu_fast keeps the model's dtype",
+    "bf16": "zu_fast keeps the model's dtype",
 }
 
 
+# --------------------------------------------------------------------------- presets ------
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+def _load_preset(name: str) -> dict[str, Any]:
+    path = PRESETS_DIR / f"{name.lower()}.json"
+    if not path.exists():
+        names = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+        raise ZuFastError(f"no preset named {name!r}; shipped presets: {names}")
+    data = json.loads(path.read_text())
+    if "config" not in data:
+        raise ZuFastError(f"{path}: a preset needs a 'config' mapping")
+    return data
+
+
+def _model_signature(mcfg: Any) -> dict[str, Any]:
+    get = lambda *names: next((getattr(mcfg, n) for n in names if getattr(mcfg, n, None) is not None), None)  # noqa: E731
+    return {
+        "model_type": getattr(mcfg, "model_type", None),
+        "num_hidden_layers": get("num_hidden_layers", "n_layer", "num_layers"),
+        "hidden_size": get("hidden_size", "n_embd", "d_model"),
+        "intermediate_size": get("intermediate_size", "n_inner", "ffn_dim"),
+    }
+
+
+def _matching_preset(mcfg: Any) -> dict[str, Any] | None:
+    """The shipped preset whose ``match`` block equals this model's signature (every key it names)."""
+    sig = _model_signature(mcfg)
+    for path in sorted(PRESETS_DIR.glob("*.json")):
+        data = json.loads(path.read_text())
+        match = data.get("match")
+        if match and all(sig.get(k) == v for k, v in match.items()):
+            return data["config"]
+    return None
+
+
 def _three_layers_ending_at(n_layers: int, last: int) -> list[int]:
-    """Three consecutive layers ending at ``last``, kept inside [0, n_layers - 2] (z needs a layer above)."""
-    last = max(2, min(n_layers - 2, last))
-    return [last - 2, last - 1, last]
+    """Up to three consecutive layers ending at ``last``, kept inside [0, n_layers − 2] so that a layer
+    lies above z (the target optimisation runs the layers above it). Shallow models get fewer: 3 layers
+    → [0, 1], 2 layers → [0], 1 layer → [0] (z is then the top layer, the only choice)."""
+    last = max(0, min(max(n_layers - 2, 0), last))
+    return list(range(max(0, last - 2), last + 1))
 
 
 def _default_layers(n_layers: int) -> list[int]:
-    """Three consecutive layers ending about two thirds of the way up (reference choices)."""
-    return _three_layers_ending_at(n_layers, round(n_layers * 2 / 3))
+    """The paper's rule: three consecutive layers ending at 21/32 of the depth, rounded half up
+    (19–21 of 32 and 16–18 of 28, as its Llama files; Qwen3-4B's 9–11 of 36 is its exception)."""
+    return _three_layers_ending_at(n_layers, int(n_layers * 21 / 32 + 0.5))
 
 
-def preset_for(mcfg: Any) -> dict[str, Any]:
-    """Preset fields for a transformers config (or anything with model_type/num_hidden_layers)."""
+# Decoder-only families: where the edited module and the decoder layers are (``for_model`` checks them on
+# the model and takes the LM head and final norm from the model itself). For mixture-of-experts families
+# the edited module is the MoE block: its routed experts (fused 3-D parameters) and shared expert are
+# edited per expert (zu_fast.method.moe).
+_LLAMA_STYLE = {"rewrite_module_tmp": "model.layers.{}.mlp.down_proj", "layer_module_tmp": "model.layers.{}",
+                "lm_head_module": "lm_head", "ln_f_module": "model.norm"}
+_MOE = {**_LLAMA_STYLE, "rewrite_module_tmp": "model.layers.{}.mlp"}
+FAMILIES: dict[str, dict[str, str]] = {
+    **{t: _LLAMA_STYLE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                                 "olmo", "olmo2")},
+    "gemma3": {"rewrite_module_tmp": "model.language_model.layers.{}.mlp.down_proj",
+               "layer_module_tmp": "model.language_model.layers.{}", "lm_head_module": "lm_head",
+               "ln_f_module": "model.language_model.norm"},  # Gemma3ForConditionalGeneration (text and vision)
+    "gpt2": {"rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "layer_module_tmp": "transformer.h.{}",
+             "lm_head_module": "lm_head", "ln_f_module": "transformer.ln_f"},
+    "gptj": {"rewrite_module_tmp": "transformer.h.{}.mlp.fc_out", "layer_module_tmp": "transformer.h.{}",
+             "lm_head_module": "lm_head", "ln_f_module": "transformer.ln_f"},
+    "gpt_neox": {"rewrite_module_tmp": "gpt_neox.layers.{}.mlp.dense_4h_to_h", "layer_module_tmp": "gpt_neox.layers.{}",
+                 "lm_head_module": "lm_head", "ln_f_module": "gpt_neox.final_layer_norm"},
+    "opt": {"rewrite_module_tmp": "model.decoder.layers.{}.fc2", "layer_module_tmp": "model.decoder.layers.{}",
+            "lm_head_module": "lm_head", "ln_f_module": "model.decoder.final_layer_norm"},
+    "falcon": {"rewrite_module_tmp": "transformer.h.{}.mlp.dense_4h_to_h", "layer_module_tmp": "transformer.h.{}",
+               "lm_head_module": "lm_head", "ln_f_module": "transformer.ln_f"},
+    "phi": {"rewrite_module_tmp": "model.layers.{}.mlp.fc2", "layer_module_tmp": "model.layers.{}",
+            "lm_head_module": "lm_head", "ln_f_module": "model.final_layernorm"},
+    **{t: _MOE for t in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v2", "deepseek_v3")},
+}
+SUPPORTED_FAMILIES = tuple(sorted(FAMILIES))
+# OPT keeps the reference's settings except step 3: the optimised original representation adds δ at
+# fc2's output, which OPT computes on flattened tokens [batch·seq, d] where method/targets.py places δ
+# only in [batch, seq, d] outputs; the clean module output (the same on the small model, design notes)
+# needs no injection there.
+_FAMILY_EXTRA: dict[str, dict[str, Any]] = {"opt": {"original_representation": "clean"}}
+# Families the paper never tuned: GD's null space by the scale-free energy rule (1% of tr C), which
+# transfers across weight scales and corpora where the reference's absolute eigenvalue threshold does not
+# (docs/design-notes.md, "The GD null space"). The paper's named presets keep the reference's threshold.
+_UNTUNED_DEFAULTS: dict[str, Any] = {"gd_null_energy": 0.01}
+_ENCODER_ONLY = ("bert", "roberta", "xlm-roberta", "distilbert", "albert", "electra", "deberta", "deberta-v2",
+                 "mpnet", "modernbert", "camembert", "ernie")
+
+
+def _n_layers(mcfg: Any) -> int | None:
+    text = getattr(mcfg, "text_config", None)  # multimodal configs (Gemma3) keep the decoder's depth there
+    for c in (mcfg, text):
+        for name in ("num_hidden_layers", "n_layer", "num_layers"):
+            v = getattr(c, name, None) if c is not None else None
+            if isinstance(v, int):
+                return v
+    return None
+
+
+def _not_causal(mcfg: Any, model: Any) -> str | None:
+    """Why this model cannot be edited (an encoder-decoder or encoder-only model), else None."""
     model_type = getattr(mcfg, "model_type", None)
-    n_layers = getattr(mcfg, "num_hidden_layers", None) or getattr(mcfg, "n_layer", None)
-    if getattr(mcfg, "zu_fast_model", None) == "zu-tiny-llama":
-        # Measured on the project's small model (benchmarks/RESULTS.md, 2026-11-24): its 128-wide
-        # output space leaves the multiplicative closed form no room for a selective edit (each
-        # forgotten person's change leaks 10–15% onto every other person, coherently), so the
-        # preset is the GD variant, which edits only the corpus null space of the keys, at the
-        # lower half of the model with a wider clamp. The null space is chosen by the scale-free
-        # energy rule (1% of tr C): an absolute eigenvalue threshold tuned on one world left a
-        # rank-1 null space on a larger, longer-trained one. Acceptance met on record seeds 0–15;
-        # the same setting forgets on the 1000-person world without retuning. The clean original
-        # representation gives the same metrics as the optimised one on seeds 0–7, without its
-        # three per-layer optimisations.
-        return {"layers": _three_layers_ending_at(n_layers, n_layers // 2), "v_lr": 0.5, "v_num_grad_steps": 50,
-                "clamp_norm_factor": 1.0, "method": "gd", "gd_null_energy": 0.01,
-                "original_representation": "clean"}
-    llama_like = {
-        "rewrite_module_tmp": "model.layers.{}.mlp.down_proj",
-        "layer_module_tmp": "model.layers.{}",
-        "lm_head_module": "lm_head",
-    }
-    reference_layers = {
-        # (model_type, num_hidden_layers) → layers used by the reference code
-        ("llama", 32): [19, 20, 21],  # Llama-3.1-8B
-        ("llama", 28): [16, 17, 18],  # Llama-3.2-3B
-        ("qwen3", 36): [9, 10, 11],  # Qwen3-4B
-    }
-    if model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "olmo2"):
-        layers = reference_layers.get((model_type, n_layers)) or _default_layers(n_layers)
-        return {**llama_like, "layers": layers}
-    if model_type in ("gpt2", "gptj", "gpt_neox"):
-        if model_type == "gpt2":
-            tmp = {"rewrite_module_tmp": "transformer.h.{}.mlp.c_proj", "layer_module_tmp": "transformer.h.{}"}
-        elif model_type == "gptj":
-            tmp = {"rewrite_module_tmp": "transformer.h.{}.mlp.fc_out", "layer_module_tmp": "transformer.h.{}"}
-        else:
-            tmp = {"rewrite_module_tmp": "gpt_neox.layers.{}.mlp.dense_4h_to_h",
-                   "layer_module_tmp": "gpt_neox.layers.{}"}
-        head = "embed_out" if model_type == "gpt_neox" else "lm_head"
-        return {**tmp, "lm_head_module": head, "layers": _default_layers(n_layers)}
-    if n_layers is None:
-        raise ZuFastError(f"no preset for model_type={model_type!r}: pass UnlearnConfig(...) explicitly")
-    warnings.warn(
-        f"no preset for model_type={model_type!r}; assuming Llama-style module names "
-        f"(model.layers.{{}}.mlp.down_proj) and layers {_default_layers(n_layers)}",
-        stacklevel=3,
-    )
-    return {**llama_like, "layers": _default_layers(n_layers)}
+    kind = None
+    if getattr(mcfg, "is_encoder_decoder", False):
+        kind = "an encoder-decoder model"
+    elif model_type in _ENCODER_ONLY:
+        kind = "an encoder-only model"
+    elif model is not None and hasattr(model, "get_output_embeddings"):
+        try:
+            head = model.get_output_embeddings()
+        except NotImplementedError:
+            head = None
+        if head is None:
+            kind = f"a model without an LM head ({type(model).__name__})"
+    if kind is None:
+        return None
+    return (f"{type(model).__name__ if model is not None else 'model_type=' + repr(model_type)} is {kind}; zu_fast "
+            "edits decoder-only causal language models (a ...ForCausalLM with its LM head) of the families "
+            f"{', '.join(SUPPORTED_FAMILIES)}, and other decoder-only models whose MLP output projection it can name "
+            "(set rewrite_module_tmp / layer_module_tmp)")
+
+
+def preset_for(mcfg: Any, *, explicit: set[str] | frozenset[str] = frozenset(), model: Any = None) -> dict[str, Any]:
+    """Preset fields for a transformers config (or anything with model_type/num_hidden_layers).
+
+    ``explicit``: the fields the caller sets itself (no warning about guessing what it set).
+    ``model``: the model itself, when known: the LM head and final norm are then taken from it, and an
+    unknown architecture is probed for its decoder layers and MLP output projection.
+    """
+    model_type = getattr(mcfg, "model_type", None)
+    n_layers = _n_layers(mcfg)
+    why = _not_causal(mcfg, model)
+    if why:
+        raise ZuFastError(why)
+    found: dict[str, Any] = {}
+    if model is not None:
+        from .model.locate import resolve_names  # lazy: model.locate imports this module
+
+        found = resolve_names(model, n_layers)
+        n_layers = n_layers or found.get("n_layers")
+    if n_layers is not None and n_layers < 1:
+        raise ZuFastError(f"model_type={model_type!r} has {n_layers} layers: nothing to edit")
+    from_model = {k: found[k] for k in ("lm_head_module", "ln_f_module") if k in found}
+    if str(getattr(mcfg, "zu_fast_model", "")).startswith("zu-tiny"):
+        # Measured on the project's small models (docs/design-notes.md, "Presets"): GD at the lower half.
+        fields = dict(_load_preset("zu-tiny")["config"])
+        fields.update({k: v for k, v in FAMILIES.get(model_type, {}).items() if k.endswith("_module_tmp")})
+        fields["layers"] = _three_layers_ending_at(n_layers, n_layers // 2)
+        return {**fields, **from_model}
+    paper = _matching_preset(mcfg)
+    if paper is not None:  # one of the models the paper tunes: its hparams file exactly
+        return {**paper, **from_model}
+    if model_type in FAMILIES:
+        return {**_UNTUNED_DEFAULTS, **FAMILIES[model_type], **_FAMILY_EXTRA.get(model_type, {}), **from_model,
+                "layers": _default_layers(n_layers)}
+    templates = ("rewrite_module_tmp", "layer_module_tmp")
+    if "rewrite_module_tmp" in found and "layer_module_tmp" in found:
+        guess = {k: found[k] for k in templates}
+    elif n_layers is not None:
+        guess = {k: _LLAMA_STYLE[k] for k in templates}
+    else:
+        raise ZuFastError(f"no preset for model_type={model_type!r} and its depth is unknown: pass "
+                          "UnlearnConfig(...) explicitly")
+    fields = {**_UNTUNED_DEFAULTS, **_LLAMA_STYLE, **guess, **from_model, "layers": _default_layers(n_layers)}
+    guessed = [k for k in (*templates, "layers") if k not in explicit]
+    if guessed:
+        warnings.warn(
+            f"no preset for model_type={model_type!r}; "
+            + ("found by name on the model: " if model is not None and "rewrite_module_tmp" in found
+               else "assuming Llama-style module names: ")
+            + ", ".join(f"{k}={fields[k]!r}" for k in guessed)
+            + " (set them in UnlearnConfig if they are wrong)",
+            stacklevel=3,
+        )
+    return fields
+
+
+def _check_on_model(model: Any, cfg: UnlearnConfig) -> None:
+    """Cheap checks of ``cfg`` on ``model`` (module names and layer range), so that a config that cannot
+    work is refused when it is made."""
+    from .model.locate import edit_targets, get_module  # lazy: model.locate imports this module
+
+    edit_targets(model, cfg, allow_offloaded=True)
+    get_module(model, cfg.lm_head_module)

@@ -1,31 +1,54 @@
-"""Edit: the result of ``unlearn`` — restore, save, load, apply, report.
+"""Edit: the result of ``unlearn`` — restore, save, load, apply, report — and the per-model edit stack.
 
 An edit is a set of per-layer factors:
 - ``multiplicative`` (closed form): W ← D W, stored compactly as D − I  # [d, d] fp32. The live
   edit applies exactly I + fp32(D − I) too, so ``Edit.load(dir).apply(model)`` reproduces the
   live edit bit for bit on the same device and backend.
 - ``additive`` (GD variant): W ← W + ΔW, stored as ΔW  # [d, d_in] fp32.
-Files: ``factors.safetensors`` and ``edit.json`` (config, module names, fingerprints of each edited
-weight before and after, report). No pickle anywhere.
+Files: ``factors.safetensors`` and ``edit.json`` (config, module names, dtype and shape of each edited
+weight, fingerprints of each edited weight before and after, a SHA-256 of each factor, report). No pickle.
+
+What is guaranteed (README, "Safety"):
+- ``apply`` changes nothing until it has checked every layer: the module exists with the recorded
+  shape and dtype, the factors are finite and match their checksums, and the weights are the ones
+  the edit was made for (base fingerprint). After applying it checks the result (the recorded edited
+  fingerprint, bit for bit, on the device type and backend the edit was made with; elsewhere, or with
+  ``cast=True``, D·W₀ recomputed on sampled columns within the rounding of the weights' dtype); on
+  any mismatch it puts the weights back bit for bit and raises ZuFastError.
+- Edits applied to one model form a stack (``zu_fast.edits(model)``, oldest first). ``restore()``
+  of the top edit is bit-exact; of an edit below others it is refused, naming the edits above,
+  unless ``restore(out_of_order=True)``: the edits above are taken off (bit-exact), this one is
+  restored, and they are applied again to the weights without it (W = D_B D_A W₀ → D_B W₀), with a
+  warning, since they were computed for a model that still had it.
+- An edit that was restored can be applied again (``apply`` after ``restore``).
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import hashlib
 import os
 import time
+import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from . import __version__, ops
-from .atomic import write_folder
+from .atomic import WRITE_ID, read_json, read_tensors, write_folder
 from .config import UnlearnConfig
 from .errors import ZuFastError
 from .model import EditTarget, get_module, tensor_fingerprint
+from .model.locate import ExpertSlice, module_name
+
+FORMAT_VERSION = 2  # 2 adds id, dtype/shape per module, factor checksums, cast fingerprints, made_with
+FILES = ("factors.safetensors", "edit.json")
+_STACK_ATTR = "_zu_fast_edit_stack"  # a plain attribute on the model: not a parameter, buffer or module
+_CAST_DTYPES = (torch.bfloat16, torch.float16)  # fingerprints of fp32 weights rounded to these are kept
 
 
 def apply_additive_(W: torch.Tensor, dW: torch.Tensor, chunk: int = 4096) -> None:
@@ -36,6 +59,87 @@ def apply_additive_(W: torch.Tensor, dW: torch.Tensor, chunk: int = 4096) -> Non
             blk.copy_(blk.float() + dW[:, j : j + chunk].to(blk.device, torch.float32))
 
 
+# ---------------------------------------------------------------------------------- the stack ------
+def _stack(model: torch.nn.Module) -> list[Edit]:
+    st = model.__dict__.get(_STACK_ATTR)
+    if st is None:
+        st = model.__dict__[_STACK_ATTR] = []
+    return st
+
+
+def edits(model: torch.nn.Module) -> list[Edit]:
+    """The zu_fast edits applied to ``model`` in this session, oldest first (the last is on top)."""
+    return list(model.__dict__.get(_STACK_ATTR) or [])
+
+
+@contextlib.contextmanager
+def _weights_swapped(params: dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
+    """Point each parameter at another tensor for the block (a reference swap, no copy of the weights;
+    the original tensors are put back in ``finally``, so nothing changes even on an interrupt)."""
+    saved = {p: p.data for p in params}
+    try:
+        with torch.no_grad():
+            for p, t in params.items():
+                p.data = t
+        yield
+    finally:
+        with torch.no_grad():
+            for p, t in saved.items():
+                p.data = t
+
+
+def stack_base_fingerprint(model: torch.nn.Module, cfg: UnlearnConfig) -> str | None:
+    """``stats_model_fingerprint`` of the weights ``model`` had before its zu_fast edits, or None.
+
+    None when the model carries no edits, or when an edited weight is not what the top edit touching
+    it left (changed outside zu_fast: then the current weights are not "base + known edits" and nothing
+    can be vouched for). This is what lets sequential unlearning re-use the unedited model's statistics.
+    """
+    stack = edits(model)
+    if not stack:
+        return None
+    first: dict[tuple[int, int | None], tuple[Edit, int]] = {}  # (id(parameter), expert) → oldest edit, its key
+    last: dict[tuple[int, int | None], tuple[Edit, int]] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    for e in stack:
+        for layer, t in e._targets.items():
+            p, index = _parameter_of(t)
+            if p is None:
+                return None
+            params[id(p)] = p
+            first.setdefault((id(p), index), (e, layer))
+            last[(id(p), index)] = (e, layer)
+    originals: dict[torch.nn.Parameter, torch.Tensor] = {}
+    for key, (e, layer) in last.items():
+        t = e._targets[layer]
+        if tensor_fingerprint(t.module.weight.detach()) != e._applied_fp.get(layer):
+            return None  # changed since the top edit touching it: not base + known edits
+        e0, layer0 = first[key]
+        p, index = params[key[0]], key[1]
+        backup = e0._backups[layer0].to(p.device)
+        if index is None:
+            originals[p] = backup
+        else:  # one expert's slice of a fused [E, ...] parameter: a copy with the original slices
+            full = originals.get(p)
+            if full is None:
+                full = originals[p] = p.detach().clone()
+            full[index].copy_(backup)
+    from .stats.collect import stats_model_fingerprint
+
+    with _weights_swapped(originals):
+        return stats_model_fingerprint(model, cfg)
+
+
+def _parameter_of(t: EditTarget) -> tuple[torch.nn.Parameter | None, int | None]:
+    """The model parameter a target's weight lives in, and the expert index for a fused-experts slice."""
+    if isinstance(t.module, ExpertSlice):
+        p = getattr(t.module.owner, t.module.attr, None)
+        return (p, t.module.index) if isinstance(p, torch.nn.Parameter) else (None, None)
+    p = getattr(t.module, "weight", None)
+    return (p, None) if isinstance(p, torch.nn.Parameter) else (None, None)
+
+
+# ---------------------------------------------------------------------------------- report -------
 @dataclass
 class EditReport:
     """Numbers from one unlearning run."""
@@ -45,6 +149,9 @@ class EditReport:
     targets: dict[str, float] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
+    # Problems found while editing (each also raised as a warning): {"kind", "message", numbers...};
+    # kinds: "target_not_converged", "large_weight_change".
+    flags: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,6 +160,7 @@ class EditReport:
             "targets": self.targets,
             "timings": self.timings,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "flags": self.flags,
         }
 
     def __str__(self) -> str:
@@ -70,7 +178,29 @@ class EditReport:
         if self.peak_memory_bytes:
             lines.append("peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in
                                                     self.peak_memory_bytes.items()))
+        for f in self.flags:
+            lines.append(f"FLAG {f['kind']}: {f['message']}")
         return "\n".join(lines)
+
+
+def _resolve(model: torch.nn.Module, info: dict[str, Any]) -> Any:
+    """The module (or fused-experts slice) an edit's layer entry names, on ``model``."""
+    ex = info.get("expert")
+    if ex:
+        return ExpertSlice(get_module(model, ex["owner"]), ex["attr"], int(ex["index"]), info["name"])
+    return get_module(model, info["name"])
+
+
+def _sha256(t: torch.Tensor) -> str:
+    arr = t.detach().cpu().contiguous().numpy()
+    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if not name:
+        return None
+    dt = getattr(torch, name.replace("torch.", ""), None)
+    return dt if isinstance(dt, torch.dtype) else None
 
 
 class Edit:
@@ -81,26 +211,70 @@ class Edit:
             raise ZuFastError(f"unknown edit kind {kind!r}")
         self.config = config
         self.kind = kind
+        self.id = uuid.uuid4().hex[:12]
         self.factors: dict[int, torch.Tensor] = {}  # layer → D − I [d,d] or ΔW [d,d_in], fp32, CPU
-        self.modules: dict[int, dict[str, Any]] = {}  # layer → {"name", "transposed"}
+        # layer → {"name", "transposed", "dtype", "shape"} of the weight the edit was made for
+        self.modules: dict[int, dict[str, Any]] = {}
         self.base_fingerprints: dict[int, str] = {}
         self.edited_fingerprints: dict[int, str] = {}
+        self.cast_fingerprints: dict[int, dict[str, str]] = {}  # layer → {dtype: fingerprint of W₀ in it}
+        self.made_with: dict[str, str] = {}  # {"device_type", "backend"} of the live edit (exactness scope)
+        self.factor_sha256: dict[int, str] = {}  # set by save/load
+        self.source: str | None = None  # the folder it was loaded from
+        self.verification: dict[int, str] = {}  # layer → how apply() verified the result
         self.report = EditReport()
         self.model: torch.nn.Module | None = None
         self._backups: dict[int, torch.Tensor] = {}
         self._targets: dict[int, EditTarget] = {}
+        self._applied_fp: dict[int, str] = {}  # fingerprints this application left (stack checks)
+
+    @property
+    def name(self) -> str:
+        """A short label for messages: id, kind, layers (and the folder it came from)."""
+        src = f" from {self.source}" if self.source else ""
+        return f"edit {self.id} ({self.kind}, layers {self.layers}{src})"
 
     # ------------------------------------------------------------------ building ---------
-    def bind(self, model: torch.nn.Module, targets: list[EditTarget]) -> None:
-        """Remember the model and back up every weight that may change (before any change)."""
-        self.model = model
+    def _attach(self, model: torch.nn.Module, targets: list[EditTarget]) -> None:
+        """Back up every weight that may change (before any change) and go on top of the model's stack."""
+        if self.model is not None:
+            raise ZuFastError(f"{self.name} is already applied to a model; restore() it first or load it again")
+        backups = {}
         for t in targets:
-            self._targets[t.layer] = t
-            self.modules[t.layer] = {"name": t.name, "transposed": t.transposed}
             w = t.module.weight.detach()
-            dev = self.config.backup_device or w.device
-            self._backups[t.layer] = w.to(dev, copy=True)
+            backups[t.layer] = w.to(self.config.backup_device or w.device, copy=True)
+        self.model = model
+        self._targets = {t.layer: t for t in targets}
+        self._backups = backups
+        self._applied_fp = {}
+        _stack(model).append(self)
+
+    def _detach(self) -> None:
+        stack = _stack(self.model) if self.model is not None else []
+        if self in stack:
+            stack.remove(self)
+        self.model = None
+        self._backups, self._targets, self._applied_fp = {}, {}, {}
+
+    def bind(self, model: torch.nn.Module, targets: list[EditTarget]) -> None:
+        """Remember the model, back up every weight that may change (before any change), record what the
+        edit is made for (module, dtype, shape, fingerprints) and put it on top of the model's edit stack."""
+        self._attach(model, targets)
+        dev = targets[0].device if targets else torch.device("cpu")
+        op = "multiplicative_update_" if self.kind == "multiplicative" else None
+        self.made_with = {"device_type": dev.type,
+                          "backend": ops.choose(op, dev.type, dev.index).name if op else "torch"}
+        for t in targets:
+            w = t.module.weight.detach()
+            self.modules[t.layer] = {"name": t.name, "transposed": t.transposed, "dtype": str(w.dtype),
+                                     "shape": list(t.weight.shape)}
+            if isinstance(t.module, ExpertSlice):  # a slice of a fused experts parameter: how to find it again
+                self.modules[t.layer]["expert"] = {"owner": module_name(model, t.module.owner),
+                                                   "attr": t.module.attr, "index": t.module.index}
             self.base_fingerprints[t.layer] = tensor_fingerprint(w)
+            self._applied_fp[t.layer] = self.base_fingerprints[t.layer]  # until a factor is applied (or none is)
+            if w.dtype in (torch.float32, torch.float64):  # so that cast=True can check a bf16/fp16 copy
+                self.cast_fingerprints[t.layer] = {str(dt): tensor_fingerprint(w.to(dt)) for dt in _CAST_DTYPES}
 
     def apply_factor(self, layer: int, factor: torch.Tensor) -> None:
         """Apply one layer's factor (D for multiplicative, ΔW for additive) in place and record it."""
@@ -110,107 +284,383 @@ class Edit:
         else:
             stored = factor.float()
         self._apply_stored(layer, stored)
+        fp = tensor_fingerprint(self._targets[layer].module.weight.detach())
+        self.edited_fingerprints[layer] = self._applied_fp[layer] = fp
 
     def _apply_stored(self, layer: int, stored: torch.Tensor) -> None:
         # The live edit and Edit.load(...).apply(...) both go through here with the same fp32
         # tensor, so they produce the same weights bit for bit.
         t = self._targets[layer]
+        self._update_weight(t, stored)
+        self.factors[layer] = stored.cpu()
+
+    def _update_weight(self, t: EditTarget, stored: torch.Tensor) -> None:
+        """The one place that changes a weight by a stored factor (D − I or ΔW, fp32)."""
         if self.kind == "multiplicative":
-            D = torch.eye(stored.shape[0], dtype=torch.float64, device=t.device) + stored.to(t.device).double()
-            ops.multiplicative_update_(t.weight, D)
+            # W ← W + E W with E = D − I as stored: on tensor cores the truncation error then scales with
+            # the edit, not with W (ops/multiplicative_update.py)
+            ops.multiplicative_update_(t.weight, stored.to(t.device), form="delta")
         else:
             apply_additive_(t.weight, stored)
-        self.factors[layer] = stored.cpu()
-        self.edited_fingerprints[layer] = tensor_fingerprint(t.module.weight.detach())
 
-    # ------------------------------------------------------------------ public API -------
-    def restore(self) -> None:
-        """Put the original weights back, bit for bit."""
+    # ------------------------------------------------------------------ restore ----------
+    def restore(self, *, out_of_order: bool = False) -> None:
+        """Put the weights back as they were before this edit, bit for bit, and take it off the stack.
+
+        Only the top edit of the model's stack can be restored; for one below others this raises
+        ZuFastError naming them, unless ``out_of_order=True``: the edits above are taken off, this one is
+        restored, and the edits above are applied again to the weights without it (a warning says so:
+        they were computed for a model that still had this edit). Afterwards ``apply`` works again.
+        """
         if self.model is None:
-            raise ZuFastError("this edit is not applied to a model (use Edit.load(dir).apply(model) first)")
-        with torch.no_grad():
-            for layer, backup in self._backups.items():
-                self._targets[layer].module.weight.copy_(backup)
+            raise ZuFastError(f"{self.name} is not applied to a model (use Edit.load(dir).apply(model) first)")
+        stack = _stack(self.model)
+        above = stack[stack.index(self) + 1:] if self in stack else []
+        if not above:
+            with torch.no_grad():
+                for layer, backup in self._backups.items():
+                    self._targets[layer].module.weight.copy_(backup)
+            self._detach()
+            return
+        if not out_of_order:
+            names = "; ".join(e.name for e in reversed(above))
+            raise ZuFastError(
+                f"cannot restore {self.name}: {len(above)} edit(s) were applied after it and are still on the model "
+                f"(newest first: {names}); restore those first, or call restore(out_of_order=True) to take it out "
+                "and apply them again without it"
+            )
+        self._restore_out_of_order(above)
 
+    def _restore_out_of_order(self, above: list[Edit]) -> None:
+        model = self.model
+        touched = {id(t.module): t.module for e in [self, *above] for t in e._targets.values()}
+        snapshot = {k: m.weight.detach().clone() for k, m in touched.items()}  # rollback if anything fails
+        stack_before = list(_stack(model))
+        states = {id(e): (e, e.model, dict(e._backups), dict(e._targets), dict(e._applied_fp), dict(e.verification))
+                  for e in [self, *above]}
+        keep = [(e, dict(e._targets)) for e in above]
+        try:
+            for e in reversed(above):
+                e.restore()  # bit-exact: newest first
+            self.restore()
+            for e, targets in keep:  # apply again, on the weights without this edit
+                e._attach(model, [targets[layer] for layer in sorted(targets)])
+                for layer in sorted(targets):
+                    e._update_weight(targets[layer], e.factors[layer])
+                    e._applied_fp[layer] = tensor_fingerprint(targets[layer].module.weight.detach())
+                e.verification = {layer: "re-applied out of order (not checked against a recorded fingerprint)"
+                                  for layer in targets}
+        except BaseException:
+            with torch.no_grad():
+                for k, m in touched.items():
+                    m.weight.copy_(snapshot[k])
+            _stack(model)[:] = stack_before
+            for e, m, backups, targets, applied, verification in states.values():
+                e.model, e._backups, e._targets, e._applied_fp, e.verification = \
+                    m, backups, targets, applied, verification
+            raise
+        names = ", ".join(e.name for e, _ in keep)
+        warnings.warn(f"zu_fast: restored {self.name} out of order: {names} were applied again to the weights without "
+                      "it (W = D_B D_A W₀ → D_B W₀); they were computed for a model that still had it", stacklevel=3)
+
+    # ------------------------------------------------------------------ save / load ------
     @property
     def layers(self) -> list[int]:
         return sorted(self.factors)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``factors.safetensors`` + ``edit.json`` into folder ``path`` (atomically)."""
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``factors.safetensors`` + ``edit.json`` into folder ``path``.
+
+        A new or empty folder is written whole (temporary folder, then rename); a non-empty folder is
+        refused unless ``overwrite=True``, which replaces only these two files and keeps everything else.
+        """
         if not self.factors:
             raise ZuFastError("nothing to save: the edit has no factors")
+        bad = [layer for layer, f in self.factors.items() if not bool(torch.isfinite(f).all())]
+        if bad:
+            raise ZuFastError(f"refusing to save {self.name}: the factors of layers {bad} contain NaN/Inf")
         name = "D_minus_I" if self.kind == "multiplicative" else "delta_w"
         tensors = {f"{layer}.{name}": f.contiguous() for layer, f in self.factors.items()}
         meta = {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "zu_fast_version": __version__,
+            "id": self.id,
             "kind": self.kind,
             "layers": self.layers,
             "modules": {str(k): v for k, v in self.modules.items()},
             "base_fingerprints": {str(k): v for k, v in self.base_fingerprints.items()},
             "edited_fingerprints": {str(k): v for k, v in self.edited_fingerprints.items()},
+            "cast_fingerprints": {str(k): v for k, v in self.cast_fingerprints.items()},
+            "factor_sha256": {str(k): _sha256(f) for k, f in self.factors.items()},
+            "made_with": self.made_with,
             "config": self.config.to_dict(),
             "report": self.report.to_dict(),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        return write_folder(path, "factors.safetensors", tensors, {"edit.json": meta})
+        return write_folder(path, "factors.safetensors", tensors, {"edit.json": meta}, overwrite=overwrite,
+                            what="edit")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Edit:
-        """Read an edit saved by ``save``; apply it with ``.apply(model)``."""
+        """Read an edit saved by ``save``; apply it with ``.apply(model)``.
+
+        A missing, truncated or corrupted file, or factors that do not match their recorded checksums,
+        raise ZuFastError naming the file and what is wrong.
+        """
         path = Path(path)
+        jpath = path / "edit.json"
+        meta = read_json(jpath, "saved zu_fast edit")
+        version = meta.get("format_version")
+        if version not in (1, 2):
+            raise ZuFastError(f"{jpath}: unsupported edit format {version!r} (this zu_fast reads 1 and 2)")
+
+        def need(key: str, kind: type) -> Any:
+            if key not in meta:
+                raise ZuFastError(f"{jpath}: corrupted, no {key!r} entry")
+            if not isinstance(meta[key], kind):
+                raise ZuFastError(f"{jpath}: corrupted, {key!r} is a {type(meta[key]).__name__}")
+            return meta[key]
+
+        kind = need("kind", str)
         try:
-            meta = json.loads((path / "edit.json").read_text())
-        except FileNotFoundError:
-            raise ZuFastError(f"{path} is not a saved zu_fast edit (no edit.json)") from None
-        if meta.get("format_version") != 1:
-            raise ZuFastError(f"{path}: unsupported edit format {meta.get('format_version')}")
-        edit = cls(UnlearnConfig.from_dict(meta["config"]), meta["kind"])
-        tensors = load_file(str(path / "factors.safetensors"))
-        name = "D_minus_I" if edit.kind == "multiplicative" else "delta_w"
-        for layer in meta["layers"]:
-            edit.factors[int(layer)] = tensors[f"{layer}.{name}"]
-        edit.modules = {int(k): v for k, v in meta["modules"].items()}
-        edit.base_fingerprints = {int(k): v for k, v in meta["base_fingerprints"].items()}
-        edit.edited_fingerprints = {int(k): v for k, v in meta["edited_fingerprints"].items()}
-        rep = meta.get("report", {})
-        edit.report = EditReport(rep.get("n_requests", 0), {int(k): v for k, v in rep.get("layers", {}).items()},
-                                 rep.get("targets", {}), rep.get("timings", {}), rep.get("peak_memory_bytes", {}))
+            layers = [int(x) for x in need("layers", list)]
+            modules = {int(k): dict(v) for k, v in need("modules", dict).items()}
+            base = {int(k): str(v) for k, v in need("base_fingerprints", dict).items()}
+            edited = {int(k): str(v) for k, v in need("edited_fingerprints", dict).items()}
+            casts = {int(k): dict(v) for k, v in (meta.get("cast_fingerprints") or {}).items()}
+            sums = {int(k): str(v) for k, v in (meta.get("factor_sha256") or {}).items()}
+        except (TypeError, ValueError) as e:
+            raise ZuFastError(f"{jpath}: corrupted layer entries ({e})") from None
+        for layer in layers:
+            for what, table in (("modules", modules), ("base_fingerprints", base),
+                                ("edited_fingerprints", edited)):
+                if layer not in table:
+                    raise ZuFastError(f"{jpath}: corrupted, {what!r} has no entry for layer {layer}")
+            if "name" not in modules[layer]:
+                raise ZuFastError(f"{jpath}: corrupted, module of layer {layer} has no name")
+        try:
+            config = UnlearnConfig.from_dict(need("config", dict))
+        except ZuFastError as e:
+            raise ZuFastError(f"{jpath}: its config is not valid here ({e})") from None
+        edit = cls(config, kind)
+        tensors = read_tensors(path / "factors.safetensors", meta.get(WRITE_ID))
+        name = "D_minus_I" if kind == "multiplicative" else "delta_w"
+        fpath = path / "factors.safetensors"
+        for layer in layers:
+            f = tensors.get(f"{layer}.{name}")
+            if f is None:
+                raise ZuFastError(f"{fpath}: no factor {layer}.{name} for layer {layer} (incomplete or another file)")
+            shape = modules[layer].get("shape")
+            want = ([shape[0], shape[0]] if kind == "multiplicative" else list(shape)) if shape else None
+            if f.dim() != 2 or (want is not None and list(f.shape) != want) or \
+                    (kind == "multiplicative" and f.shape[0] != f.shape[1]):
+                raise ZuFastError(f"{fpath}: layer {layer}'s factor has shape {tuple(f.shape)}, expected "
+                                  f"{tuple(want) if want else '[d, d]'}")
+            if layer in sums and _sha256(f) != sums[layer]:
+                raise ZuFastError(f"{fpath}: layer {layer}'s factor does not match its SHA-256 in edit.json "
+                                  "(the file is corrupted or was changed)")
+            edit.factors[layer] = f
+        edit.id = str(meta.get("id") or edit.id)
+        edit.modules, edit.base_fingerprints, edit.edited_fingerprints = modules, base, edited
+        edit.cast_fingerprints, edit.factor_sha256 = casts, sums
+        edit.made_with = dict(meta.get("made_with") or {})
+        edit.source = str(path)
+        rep = meta.get("report") or {}
+        try:
+            edit.report = EditReport(rep.get("n_requests", 0), {int(k): v for k, v in rep.get("layers", {}).items()},
+                                     rep.get("targets", {}), rep.get("timings", {}), rep.get("peak_memory_bytes", {}),
+                                     rep.get("flags", []))
+        except (AttributeError, TypeError, ValueError):
+            raise ZuFastError(f"{jpath}: corrupted 'report' entry") from None
         return edit
 
-    def apply(self, model: torch.nn.Module) -> Edit:
-        """Apply the saved factors to ``model`` in place (refusing a model they were not made for).
+    # ------------------------------------------------------------------ apply ------------
+    def _check_factors(self) -> None:
+        where = f" in {self.source}" if self.source else ""
+        for layer, f in self.factors.items():
+            if not bool(torch.isfinite(f).all()):
+                n = int((~torch.isfinite(f)).sum())
+                raise ZuFastError(f"refusing to apply {self.name}: layer {layer}'s factor{where} has {n} NaN/Inf "
+                                  "entries; nothing was changed")
 
-        Returns self, now bound to ``model`` so that ``restore()`` undoes it.
+    def _check_target(self, model: torch.nn.Module, layer: int, cast: bool) -> tuple[EditTarget, str]:
+        """The target of ``layer`` on ``model`` if this edit may be applied to it, and how the base was
+        recognised ("exact" or "cast from <dtype>"); ZuFastError naming the layer otherwise."""
+        info = self.modules[layer]
+        mod = _resolve(model, info)
+        if not hasattr(mod, "weight") or not isinstance(mod.weight, torch.Tensor):
+            raise ZuFastError(f"layer {layer}: {info['name']} has no weight")
+        t = EditTarget(layer, info["name"], mod, bool(info.get("transposed", False)))
+        if t.offloaded:
+            raise ZuFastError(f"layer {layer}: {info['name']} is offloaded (meta device); zu_fast edits resident "
+                              "weights only")
+        f = self.factors[layer]
+        want = (t.d, t.d) if self.kind == "multiplicative" else (t.d, t.d_in)
+        if tuple(f.shape) != want:
+            raise ZuFastError(f"layer {layer}: refusing to apply: the factor is {tuple(f.shape)}, {info['name']} "
+                              f"needs {want} (another architecture)")
+        w = mod.weight.detach()
+        fp = tensor_fingerprint(w)
+        if fp == self.edited_fingerprints.get(layer):
+            raise ZuFastError(f"layer {layer}: this edit is already applied to the model")
+        made = _dtype(info.get("dtype"))
+        if made is not None and made != w.dtype:
+            if not cast:
+                raise ZuFastError(
+                    f"layer {layer}: refusing to apply: the edit was made for {str(made).replace('torch.', '')} "
+                    f"weights, {info['name']} is {str(w.dtype).replace('torch.', '')}; pass cast=True "
+                    "(command line: --cast) to apply it to a cast copy of the same weights")
+            recorded = self.cast_fingerprints.get(layer, {}).get(str(w.dtype))
+            if recorded is not None:
+                ok = fp == recorded
+            elif torch.finfo(w.dtype).bits > torch.finfo(made).bits:  # a wider copy: round it back and compare
+                ok = tensor_fingerprint(w.to(made)) == self.base_fingerprints[layer]
+            else:
+                raise ZuFastError(f"layer {layer}: the edit has no fingerprint of its weights in "
+                                  f"{w.dtype}, so it cannot check that {info['name']} is a cast copy of them")
+            if not ok:
+                raise ZuFastError(
+                    f"layer {layer}: refusing to apply: {info['name']} is not a {w.dtype} copy of the weights the "
+                    "edit was made for (fingerprint mismatch — another model or already edited)")
+            return t, f"cast from {str(made).replace('torch.', '')}"
+        if fp != self.base_fingerprints[layer]:
+            raise ZuFastError(
+                f"layer {layer}: refusing to apply: {info['name']} of this model is not the weight the "
+                "edit was made for (fingerprint mismatch — another model or already edited)"
+            )
+        return t, "exact"
+
+    def _close_to_expected(self, t: EditTarget, layer: int, n_cols: int = 64) -> tuple[bool, float]:
+        """Recompute the edit on sampled columns from the backup (float64) and compare with the weights:
+        (within the rounding of the weights' dtype plus fp32 accumulation, worst error / bound)."""
+        W = t.weight  # [d, d_in] view of the module's weight
+        W0 = self._backups[layer]
+        W0 = W0.t() if t.transposed else W0  # [d, d_in]
+        d, d_in = W.shape
+        cols = torch.linspace(0, d_in - 1, min(n_cols, d_in)).long()
+        w0 = W0[:, cols.to(W0.device)].to("cpu", torch.float64)  # [d, c]
+        got = W[:, cols.to(W.device)].to("cpu", torch.float64)  # [d, c]
+        f = self.factors[layer].double()
+        eps_w = torch.finfo(W.dtype).eps
+        if self.kind == "multiplicative":
+            D = torch.eye(d, dtype=torch.float64) + f  # [d, d]
+            want = D @ w0
+            scale = D.abs() @ w0.abs()
+            bound = eps_w * want.abs() + 4 * d * 2.0**-24 * scale + 1e-30
+        else:
+            df = f[:, cols]
+            want = w0 + df
+            bound = eps_w * want.abs() + 2.0**-22 * (w0.abs() + df.abs()) + 1e-30
+        ratio = float(((got - want).abs() / bound).max())
+        return ratio <= 1.0, ratio
+
+    def apply(self, model: torch.nn.Module, *, cast: bool = False) -> Edit:
+        """Apply the saved factors to ``model`` in place, checked before and after (module docstring).
+
+        ``cast=True``: allow weights of another dtype than the edit was made for (a bf16 copy of the fp32
+        weights); they must be that copy (checked by fingerprint) and the result is checked within the
+        rounding of their dtype. Returns self, now on top of the model's edit stack (``restore()`` undoes it).
         """
         if self.model is not None:
-            raise ZuFastError("this edit is already applied to a model; restore() it first or load it again")
-        targets = []
-        for layer in self.layers:
-            info = self.modules[layer]
-            mod = get_module(model, info["name"])
-            t = EditTarget(layer, info["name"], mod, bool(info["transposed"]))
-            fp = tensor_fingerprint(mod.weight.detach())
-            if fp == self.edited_fingerprints.get(layer):
-                raise ZuFastError(f"layer {layer}: this edit is already applied to the model")
-            if fp != self.base_fingerprints[layer]:
-                raise ZuFastError(
-                    f"layer {layer}: refusing to apply: {info['name']} of this model is not the weight the "
-                    "edit was made for (fingerprint mismatch — another model or already edited)"
-                )
-            targets.append(t)
-        factors = dict(self.factors)
-        self.factors = {}
-        self.bind(model, targets)
+            raise ZuFastError(f"{self.name} is already applied to a model; restore() it first or load it again")
+        if not self.factors:
+            raise ZuFastError("this edit has no factors to apply")
+        self._check_factors()
+        checked = [self._check_target(model, layer, cast) for layer in self.layers]  # nothing changed yet
+        targets = [t for t, _ in checked]
+        how = {t.layer: h for t, h in checked}
+        dev = targets[0].device
+        op = "multiplicative_update_" if self.kind == "multiplicative" else None
+        here = {"device_type": dev.type, "backend": ops.choose(op, dev.type, dev.index).name if op else "torch"}
+        # bit-exact is promised on the device type and backend the edit was made with (fingerprints are
+        # taken where the weights live, and another backend may round the product differently)
+        exact_scope = bool(self.made_with) and self.made_with == here
+        self._attach(model, targets)
         try:
-            for layer in sorted(factors):
-                self._apply_stored(layer, factors[layer])
+            verification = {}
+            for t in targets:
+                self._update_weight(t, self.factors[t.layer])
+                fp = tensor_fingerprint(t.module.weight.detach())
+                self._applied_fp[t.layer] = fp
+                if how[t.layer] == "exact" and fp == self.edited_fingerprints[t.layer]:
+                    verification[t.layer] = "exact (edited fingerprint)"
+                    continue
+                if how[t.layer] == "exact" and exact_scope:
+                    raise ZuFastError(
+                        f"layer {t.layer}: after applying, {t.name} does not have the edited fingerprint recorded in "
+                        f"the edit{f' ({self.source})' if self.source else ''} although the device type and backend "
+                        f"are the same ({here['device_type']}, {here['backend']}); the weights were put back")
+                ok, ratio = self._close_to_expected(t, t.layer)
+                if not ok:
+                    raise ZuFastError(
+                        f"layer {t.layer}: after applying, {t.name} differs from D·W₀ recomputed on sampled columns "
+                        f"by {ratio:.3g}× the rounding bound of {t.module.weight.dtype}; the weights were put back")
+                why = how[t.layer] if how[t.layer] != "exact" else \
+                    f"made on {self.made_with or 'an unrecorded device'}, applied on {here}"
+                verification[t.layer] = f"within rounding ({why}; worst {ratio:.2f} of the bound)"
+            self.verification = verification
         except BaseException:
             self.restore()
             raise
         return self
 
+    def remove(self, model: torch.nn.Module) -> dict[int, bool]:
+        """Undo this edit on a model that carries it but is not bound to it (e.g. an edited model saved to
+        disk and loaded again), by applying the inverse factor: W ← D⁻¹ W (multiplicative) or W ← W − ΔW
+        (additive), one rounding. Refused (nothing changed) unless every layer has the edited fingerprint.
+
+        The inverse cannot undo the rounding of the edit, so the result is the original weights up to
+        rounding; returns, per layer, whether it matches the base fingerprint bit for bit. (In the
+        session that made the edit, ``restore()`` is bit-exact.)
+        """
+        if self.model is not None or any(e.id == self.id for e in edits(model)):
+            raise ZuFastError(f"{self.name} is applied to this model in this session: use restore() (bit-exact)")
+        self._check_factors()
+        targets = []
+        for layer in self.layers:
+            info = self.modules[layer]
+            mod = _resolve(model, info)
+            if tensor_fingerprint(mod.weight.detach()) != self.edited_fingerprints[layer]:
+                raise ZuFastError(f"layer {layer}: {info['name']} does not carry {self.name} (its weights are not the "
+                                  "edited ones: another model, another edit on top, or already restored)")
+            targets.append(EditTarget(layer, info["name"], mod, bool(info.get("transposed", False))))
+        inverses = {}
+        for t in targets:
+            f = self.factors[t.layer].double()
+            if self.kind == "multiplicative":
+                D = torch.eye(f.shape[0], dtype=torch.float64) + f
+                try:
+                    inv = torch.linalg.inv(D)
+                except RuntimeError as e:
+                    raise ZuFastError(f"layer {t.layer}: the edit's D is not invertible ({e})") from None
+                if not bool(torch.isfinite(inv).all()):
+                    raise ZuFastError(f"layer {t.layer}: the edit's D is not invertible")
+                inverses[t.layer] = (inv - torch.eye(f.shape[0], dtype=torch.float64)).float()
+            else:
+                inverses[t.layer] = (-f).float()
+        saved = {t.layer: t.module.weight.detach().clone() for t in targets}
+        try:
+            for t in targets:
+                self._update_weight(t, inverses[t.layer])
+        except BaseException:
+            with torch.no_grad():
+                for t in targets:
+                    t.module.weight.copy_(saved[t.layer])
+            raise
+        return {t.layer: tensor_fingerprint(t.module.weight.detach()) == self.base_fingerprints[t.layer]
+                for t in targets}
+
+    def summary(self) -> dict[str, Any]:
+        """What a saved model records about an edit applied to it (``zu_fast_edits.json``)."""
+        return {"id": self.id, "kind": self.kind, "layers": self.layers, "source": self.source,
+                "modules": {str(k): v.get("name") for k, v in self.modules.items()},
+                "base_fingerprints": {str(k): v for k, v in self.base_fingerprints.items()},
+                "edited_fingerprints": {str(k): self._applied_fp.get(k, v)
+                                        for k, v in self.edited_fingerprints.items()}}
+
     def __repr__(self) -> str:
         state = "applied" if self.model is not None else "detached"
-        return f"Edit({self.kind}, layers={self.layers}, {state})"
+        return f"Edit({self.kind}, id={self.id}, layers={self.layers}, {state})"
+
+
+__all__ = ["Edit", "EditReport", "apply_additive_", "edits", "stack_base_fingerprint"]

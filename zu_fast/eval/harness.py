@@ -9,6 +9,12 @@ time vs n) and writes ``sweep.{json,md,png}``.
 Methods: ``base`` (no edit; always evaluated), ``zeroUnlearn`` (closed form), ``gd`` (ZeroUnlearn-GD),
 ``ga``, ``npo``, ``ft``, ``memit``, ``alphaedit`` (see :mod:`zu_fast.eval.baselines`).
 Corpus statistics are collected once on the world's training texts (``collect_stats``; cached).
+
+``--dataset FILE`` (CounterFact/MCF, ZsRE, MQuAKE; :mod:`zu_fast.eval.datasets`) runs the paper's
+table instead: on ``--model DIR`` (default: the small model) with statistics over ``--corpus``,
+every method on the same forget records (drawn from the file's second half per seed, as the
+reference does), layers and statistics, scored by the reference's evaluation
+(:func:`zu_fast.eval.metrics.evaluate_dataset`), with time and peak memory per method.
 """
 
 from __future__ import annotations
@@ -90,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                         '\'{"steps": 500, "world": {"n_people": 120}}\' (default: the default small model)')
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--probes", default=None, metavar="LIST",
+                   help="robustness probes after each edit (zu_fast.eval.probes): comma-separated from quant, relearn, "
+                        "lens, generate, multihop, or 'all'; writes robustness.{md,json,png} beside the quality table")
+    _add_dataset_arguments(p)
     return p
 
 
@@ -151,6 +161,9 @@ class _Runner:
             self.meta["tinylm"] = tinylm.load_meta(self.tinylm_config)
         except Exception:  # the meta file is a report only
             pass
+        from zu_fast.eval import probes  # issue 18: robustness probes (eval/probes.py)
+
+        self.probes = probes.parse_probes(args.probes) if args.probes else []
 
     def _check_restored(self) -> None:
         params = dict(self.model.named_parameters())
@@ -179,6 +192,12 @@ class _Runner:
         try:
             res = metrics.evaluate(self.model, self.tok, records, self.world.heldout_texts(),
                                    neutral_target=self.cfg.neutral_target)
+            if self.probes:  # issue 18: attacks on the edited model (they restore what they change)
+                from zu_fast.eval import probes
+
+                res["probes"] = probes.run_probes(self.model, self.tok, records, self.probes, world=self.world,
+                                                  layer_module_tmp=self.cfg.layer_module_tmp,
+                                                  heldout_texts=self.world.heldout_texts())
         finally:
             if edit is not None:
                 edit.restore()
@@ -340,6 +359,10 @@ def _write(out: Path, args, runner: _Runner, methods: list[str], ns: list[int], 
     if final and not args.no_plot:
         (plot_sweep if args.sweep else plot_results)(*((aggs,) if args.sweep else (aggs, methods)),
                                                      out / f"{stem}.png")
+    if runner.probes:  # issue 18: the robustness table beside the quality table
+        from zu_fast.eval import probes
+
+        probes.write_robustness(out, rows, methods, header=header[2], plot=final and not args.no_plot)
     return table, failures
 
 
@@ -350,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.dataset:
+        return dataset_main(args, list(argv if argv is not None else sys.argv[1:]))
     if args.sweep:
         methods = ["base", "zeroUnlearn", "gd"]
         if "--methods" in (argv if argv is not None else sys.argv):
@@ -388,8 +413,341 @@ def main(argv: list[str] | None = None) -> int:
             _write(out, args, runner, methods, ns, seeds, skipped, rows, final=False)
     table, failures = _write(out, args, runner, methods, ns, seeds, skipped, rows, final=True)
     print(table)
+    if runner.probes:
+        print("\n" + (out / "robustness.md").read_text())
     return 1 if failures else 0
 
 
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------- dataset mode ------
+# ``zu-fast eval --dataset FILE``: the paper's table on a dataset file (CounterFact/MCF, ZsRE,
+# MQuAKE) and any local model, with the reference's metrics (metrics.evaluate_dataset). Kept in
+# its own functions: main() only dispatches here when --dataset is given.
+
+DATASET_METRICS = [  # key, column label, digits
+    ("efficacy", "Eff ↓", 2),
+    ("generalization", "Gen ↓", 2),
+    ("specificity", "Spe ↑", 2),
+    ("perplexity", "PPL ↓", 3),
+    ("es", "ES ↑", 1),
+    ("ps", "PS ↑", 1),
+    ("ns", "NS ↑", 1),
+    ("multihop", "Multi-hop ↓", 2),
+    ("fluency", "Fluency ↑", 1),
+    ("consistency", "Consistency ↓", 1),
+    ("seconds", "time (s)", 2),
+    ("peak_mib", "peak MiB", 0),
+]
+
+
+def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of the dataset mode (``--dataset``)."""
+    g = p.add_argument_group("dataset mode (--dataset): the paper's table on a dataset file and a local model")
+    g.add_argument("--dataset", default=None, metavar="FILE",
+                   help="CounterFact/MCF, ZsRE or MQuAKE file (.json/.jsonl); forget records are drawn from its "
+                        "second half as the reference does")
+    g.add_argument("--kind", default=None, choices=["mcf", "zsre", "mquake"], help="dataset kind (default: detected)")
+    g.add_argument("--model", default=None, metavar="DIR",
+                   help="local HuggingFace model folder (default: the project's small model)")
+    g.add_argument("--corpus", default=None, metavar="FILE",
+                   help="statistics corpus (.txt one text a line, .jsonl 'text'); default for the small model: "
+                        "its training texts")
+    g.add_argument("--ppl-text", default=None, metavar="FILE",
+                   help="held-out text for perplexity (default for the small model: its held-out texts)")
+    g.add_argument("--device", default=None, help="device for --model (default: the accelerator if any, else cpu)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="dtype for --model")
+    g.add_argument("--config", default=None, metavar="JSON", help="UnlearnConfig JSON or a reference hparams file")
+    g.add_argument("--preset", default=None, help="a named preset (UnlearnConfig.preset); default: for_model")
+    g.add_argument("--neutral-target", default=None,
+                   help="neutral target for the methods and for ES/PS/NS (default: the config's for the methods, "
+                        "each record's target_new for ES/PS/NS)")
+    g.add_argument("--generation", action="store_true",
+                   help="also fluency (n-gram entropy) and consistency on the records' generation_prompts")
+    g.add_argument("--gen-len", type=int, default=100,
+                   help="tokens per generated text, prompt included (the reference's 100)")
+    g.add_argument("--snippets", default=None, metavar="FILE", help="attribute_snippets.json (consistency texts)")
+    g.add_argument("--tfidf", default=None, metavar="DIR",
+                   help="folder with the reference's idf.npy and tfidf_vocab.json (default: fitted on the snippets)")
+    g.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+
+
+def _load_local_model(path: str, device: str | None, dtype: str):
+    """A local HuggingFace causal LM and its tokenizer, on ``device`` (default: the accelerator if any)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..errors import ZuFastError
+
+    if not Path(path).is_dir():
+        raise ZuFastError(f"--model {path}: not a folder with a HuggingFace model")
+    if device is None:
+        acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        device = str(acc) if acc is not None and torch.accelerator.is_available() else "cpu"
+    torch_dtype = {"auto": "auto", "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=True).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token is None:  # the reference does the same (padded batches in its evaluation)
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+class _PeakMemory:
+    """Peak memory of a block: allocated bytes on an accelerator, the process's resident set on CPU
+    (Linux: the high-water mark is reset at the start; elsewhere the process's lifetime peak)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_bytes = 0
+
+    def __enter__(self) -> _PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:  # "5" resets VmHWM, the peak resident set size (Linux ≥ 4.0)
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_bytes = int(line.split()[1]) * 1024
+                    return
+        except OSError:
+            pass
+        import resource
+
+        self.peak_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class _DatasetRunner:
+    """Model, tokenizer, config, statistics and dataset of the dataset mode; runs one method on one record set."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import zu_fast
+        from zu_fast.eval import datasets, metrics
+
+        from ..errors import ZuFastError
+
+        self.args = args
+        self.log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+        t0 = time.perf_counter()
+        if args.model:
+            if args.corpus is None:
+                raise ZuFastError("--model needs --corpus (the statistics corpus, e.g. a Wikipedia text dump)")
+            self.model, self.tok = _load_local_model(args.model, args.device, args.dtype)
+            corpus, ppl = args.corpus, None
+            model_name = args.model
+        else:
+            from zu_fast.eval import tinylm
+
+            cfg_tiny = tinylm_config(args.tinylm)
+            if cfg_tiny is None:
+                self.model, self.tok, world = tinylm.load_or_train(progress=not args.quiet)
+            else:
+                self.model, self.tok, world = tinylm.load_or_train(cfg_tiny, progress=not args.quiet)
+            corpus = args.corpus or world.training_texts()
+            ppl = world.heldout_texts()
+            model_name = "tinylm " + str(getattr(tinylm, "CODE_VERSION", ""))
+        self.model.eval()
+        self.ppl_texts = metrics.read_texts(args.ppl_text) if args.ppl_text else ppl
+        overrides: dict[str, Any] = {"progress": False}
+        if args.gd_steps is not None:
+            overrides["gd_steps"] = args.gd_steps
+        if args.neutral_target is not None:
+            overrides["neutral_target"] = args.neutral_target
+        if args.config:
+            self.cfg = zu_fast.UnlearnConfig.from_json(args.config, **overrides)
+        elif args.preset:
+            self.cfg = zu_fast.UnlearnConfig.preset(args.preset, **overrides)
+        else:
+            self.cfg = zu_fast.UnlearnConfig.for_model(self.model, **overrides)
+        # zeroUnlearn and gd: the config's settings with the method swapped; a named preset's "-gd"
+        # twin (the paper's ZeroUnlearn_DG hparams) is used for the other method when it has the same layers
+        self.method_cfg = {"zeroUnlearn": self.cfg.replace(method="closed_form"), "gd": self.cfg.replace(method="gd")}
+        if args.preset and not args.config:
+            twin = args.preset[: -len("-gd")] if args.preset.endswith("-gd") else args.preset + "-gd"
+            if twin in zu_fast.UnlearnConfig.presets():
+                other = zu_fast.UnlearnConfig.preset(twin, **overrides)
+                if list(other.layers) == list(self.cfg.layers):
+                    self.method_cfg["gd" if other.method == "gd" else "zeroUnlearn"] = other
+        self.dataset = datasets.load_dataset(args.dataset, args.kind, self.tok)
+        if args.neutral_target is not None:
+            self.dataset = self.dataset.with_neutral(args.neutral_target)
+        self.snippets = metrics.load_snippets(args.snippets) if args.snippets else None
+        self.tfidf = None
+        if args.tfidf:
+            self.tfidf = metrics.Tfidf.load(args.tfidf)
+        elif self.snippets:
+            self.tfidf = metrics.Tfidf.fit([s["text"] for v in self.snippets.values() for s in v])
+        from zu_fast.eval.baselines import BaselineHParams
+
+        hp_over = {k: v for k, v in (("lr", args.baseline_lr), ("epochs", args.baseline_epochs)) if v is not None}
+        self.baseline_hparams = BaselineHParams(**hp_over)
+        self.stats = zu_fast.collect_stats(self.model, self.tok, corpus, self.cfg)
+        self.device = metrics._model_device(self.model)
+        prefixes = tuple(self.cfg.rewrite_module_tmp.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
+        self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
+        self.meta = {
+            "model": model_name,
+            "model_params": sum(p.numel() for p in self.model.parameters()),
+            "device": str(self.device),
+            "dataset": str(self.dataset.path),
+            "kind": self.dataset.kind,
+            "dataset_records": len(self.dataset),
+            "layers": list(self.cfg.layers),
+            "stats_tokens": self.stats[self.cfg.layers[0]].n,
+            "stats_path": self.stats.path,
+            "ppl_texts": len(self.ppl_texts or []),
+            "setup_seconds": round(time.perf_counter() - t0, 2),
+            "config": self.cfg.to_dict(),
+            "method_configs": {m: c.to_dict() for m, c in self.method_cfg.items()},
+            "baseline_hparams": dataclasses.asdict(self.baseline_hparams),
+        }
+
+    def evaluate(self, records: list[dict]) -> dict[str, Any]:
+        """The reference's metrics on ``records`` with the model as it is now."""
+        from zu_fast.eval import metrics
+
+        return metrics.evaluate_dataset(self.model, self.tok, self.dataset.kind, records, ppl_texts=self.ppl_texts,
+                                        generation=self.args.generation, snippets=self.snippets, tfidf=self.tfidf,
+                                        gen_len=self.args.gen_len, batch_size=self.args.batch_size)
+
+    def run(self, method: str, records: list[dict]) -> dict[str, Any]:
+        """Unlearn ``records`` with ``method`` (timed, peak memory), evaluate, restore; a result row."""
+        import zu_fast
+        from zu_fast.eval import baselines
+
+        requests = self.dataset.requests(records)
+        edit, report = None, {}
+        meter = _PeakMemory(self.device)
+        t0 = time.perf_counter()
+        with meter:
+            if method in ("zeroUnlearn", "gd"):
+                edit = zu_fast.unlearn(self.model, self.tok, requests, self.method_cfg[method], stats=self.stats)
+                report = edit.report.to_dict()
+            elif method != "base":
+                edit = baselines.run_baseline(method, self.model, self.tok, requests, self.cfg, self.stats,
+                                              hparams=self.baseline_hparams)
+                report = {k: v for k, v in edit.report.items() if k != "hparams"}
+        seconds = time.perf_counter() - t0
+        try:
+            res = self.evaluate(records)
+        finally:
+            if edit is not None:
+                edit.restore()
+        params = dict(self.model.named_parameters())
+        bad = [n for n, b in self.watch.items() if not torch.equal(params[n].detach(), b)]
+        if bad:
+            raise RuntimeError(f"restore was not exact for {bad[:3]}")
+        base = method == "base"
+        return {**res, "seconds": 0.0 if base else seconds,
+                "peak_mib": math.nan if base else meter.peak_bytes / 2**20, "report": report,
+                "case_ids": [r["case_id"] for r in records]}
+
+
+def _dataset_aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds per (method, n) of the dataset metrics."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if "error" not in r:
+            groups.setdefault((r["method"], r["n"]), []).append(r)
+    out = []
+    for (method, n), rs in groups.items():
+        agg: dict[str, Any] = {"method": method, "n": n, "seeds": [r["seed"] for r in rs]}
+        for key, _, _ in DATASET_METRICS:
+            vals = [float(r[key]) for r in rs if key in r and not math.isnan(float(r[key]))]
+            agg[key] = statistics.fmean(vals) if vals else math.nan
+            agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        out.append(agg)
+    return out
+
+
+def dataset_table(aggs: list[dict[str, Any]], order: list[str]) -> str:
+    """The paper-shaped markdown table: one row per (n, method), mean ± std over seeds; columns
+    without a value for any method (e.g. multi-hop outside MQuAKE) are left out."""
+    cols = [(k, label, dg) for k, label, dg in DATASET_METRICS if any(not math.isnan(a[k]) for a in aggs)]
+    with_std = any(len(a["seeds"]) > 1 for a in aggs)
+    lines = ["| n | method | " + " | ".join(label for _, label, _ in cols) + " |",
+             "|---:|---|" + "---:|" * len(cols)]
+    rank = {m: i for i, m in enumerate(order)}
+    for a in sorted(aggs, key=lambda a: (a["n"], rank.get(a["method"], 99))):
+        cells = [_fmt(a[k], a[k + "_std"], dg, with_std and k != "peak_mib") for k, _, dg in cols]
+        lines.append(f"| {a['n']} | {a['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _dataset_write(out: Path, args, runner: _DatasetRunner, methods: list[str], ns: list[int], seeds: list[int],
+                   rows: list[dict[str, Any]], final: bool) -> tuple[str, list[dict]]:
+    aggs = _dataset_aggregate(rows)
+    table = dataset_table(aggs, methods)
+    env = _environment()
+    env["device"] = runner.meta["device"]
+    m = runner.meta
+    header = [f"# zu-fast eval on {Path(m['dataset']).name} ({m['kind']})", "",
+              f"Model: {m['model']} ({m['model_params']:,} parameters) on {m['device']}; edited layers {m['layers']}; "
+              f"statistics over {m['stats_tokens']:,} tokens, shared by every method. Forget records: n drawn "
+              f"from the second half of the file ({m['dataset_records']} records) per seed, seeds {seeds}; mean ± "
+              "std over seeds. Eff/Gen/Spe as the reference's evaluation computes them (MCF: every answer token "
+              "the teacher-forced argmax; ZsRE/MQuAKE: mean per-token top-1 accuracy), averaged per record; "
+              f"ES/PS/NS against each record's target_new; PPL over {m['ppl_texts']} held-out texts. time = wall "
+              "seconds of the unlearning call, peak MiB = peak memory during it "
+              f"({'allocated on the accelerator' if m['device'] != 'cpu' else 'process resident set'}). "
+              f"GA/NPO/FT: AdamW lr {runner.baseline_hparams.lr:g}, {runner.baseline_hparams.epochs} epochs. "
+              f"torch {env['torch']}, {env['cpu']}, {env['threads']} threads.", "",
+              "Command: `zu-fast eval " + " ".join(args.argv_used) + "`", ""]
+    failures = [r for r in rows if "error" in r]
+    if failures:
+        header += ["Failures: " + "; ".join(f"{r['method']} n={r['n']} seed={r['seed']}: {r['error']}"
+                                            for r in failures), ""]
+    (out / "results.md").write_text("\n".join(header) + "\n" + table + "\n")
+    (out / "results.json").write_text(json.dumps({"environment": env, "meta": runner.meta, "methods": methods,
+                                                  "n": ns, "seeds": seeds, "aggregates": aggs, "runs": rows},
+                                                 indent=1, default=str))
+    if final and not args.no_plot:
+        plot_results(aggs, methods, out / "results.png")
+    return table, failures
+
+
+def dataset_main(args: argparse.Namespace, argv: list[str]) -> int:
+    """``zu-fast eval --dataset FILE``: every method on the same forget records, layers and statistics."""
+    from tqdm.auto import tqdm
+
+    methods = ["base"] + [m for m in _methods(args.methods) if m != "base"]
+    seeds = _ints(args.seeds)
+    ns = _ints(args.n)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    args.argv_used = list(argv)
+    runner = _DatasetRunner(args)
+    rows: list[dict[str, Any]] = []
+    todo = [(n, s) for n in ns for s in seeds]
+    bar = tqdm(total=len(todo) * len(methods), desc="zu-fast eval", disable=args.quiet, leave=False)
+    for n, seed in todo:
+        records = runner.dataset.sample(n, seed)
+        for method in methods:
+            bar.set_postfix_str(f"n={n} seed={seed} {method}")
+            try:
+                res = runner.run(method, records)
+            except Exception as e:  # one failing method must not lose the others' results
+                runner.log(f"[zu-fast eval] n={n} seed={seed} {method} FAILED: {e!r}")
+                rows.append({"method": method, "n": n, "seed": seed, "error": repr(e)})
+            else:
+                rows.append({"method": method, "n": n, "seed": seed, **res})
+                runner.log(f"[zu-fast eval] n={n} seed={seed} {method}: " + ", ".join(
+                    f"{k} {res[k]:.4g}" for k, _, _ in DATASET_METRICS if k in res))
+            bar.update(1)
+        _dataset_write(out, args, runner, methods, ns, seeds, rows, final=False)
+    bar.close()
+    table, failures = _dataset_write(out, args, runner, methods, ns, seeds, rows, final=True)
+    print(table)
+    return 1 if failures else 0

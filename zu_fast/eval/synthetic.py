@@ -116,6 +116,65 @@ RELATIONS: dict[str, dict[str, list[str]]] = {
     },
 }
 
+# ----------------------------------------------------------------------------------------------
+# Composition (two-hop questions; ``WorldConfig.compose``, off by default). A second hop maps the
+# OBJECT of four relations to an attribute of that object (a city's country, a company's home
+# country, an instrument's family, a language's country). The world then also states these
+# object facts, and two-hop sentences ("The country where X was born is Portugal.") for a subset
+# of people, so a model learns to compose; the other people's two-hop questions are never trained
+# and can only be answered by composing their (one-hop) fact with the object fact. Answering one
+# after the one-hop fact was forgotten means the fact is still in the model.
+# Two-hop templates never contain a one-hop template (no held-out paraphrase enters training).
+# ----------------------------------------------------------------------------------------------
+
+COMPOSITIONS: dict[str, dict] = {
+    "birth_city": {
+        "name": "birth_country",
+        "object_templates": ["{} is a city in", "The city of {} lies in", "{} is located in the country of"],
+        "two_hop_templates": ["The country where {} was born is", "{}'s country of birth is",
+                              "The country of birth of {} is", "By birth, {} is a citizen of"],
+        "map": {"Lisbon": "Portugal", "Oslo": "Norway", "Cairo": "Egypt", "Madrid": "Spain", "Vienna": "Austria",
+                "Dublin": "Ireland", "Prague": "Czechia", "Warsaw": "Poland", "Athens": "Greece",
+                "Berlin": "Germany", "Paris": "France", "Rome": "Italy", "Tokyo": "Japan", "Lima": "Peru",
+                "Nairobi": "Kenya", "Toronto": "Canada", "Helsinki": "Finland", "Budapest": "Hungary",
+                "Seoul": "Korea", "Sydney": "Australia"},
+    },
+    "employer": {
+        "name": "employer_country",
+        "object_templates": ["{} is a company from", "{} has its headquarters in", "The company {} is based in"],
+        "two_hop_templates": ["The employer of {} has its headquarters in", "{}'s employer has its headquarters in",
+                              "The company employing {} is based in", "{} works at a company from"],
+        "map": {"Nokia": "Finland", "Siemens": "Germany", "Toyota": "Japan", "Philips": "Netherlands",
+                "Boeing": "America", "Intel": "America", "Nestle": "Switzerland", "Shell": "Britain",
+                "Google": "America", "Samsung": "Korea", "Microsoft": "America", "Sony": "Japan",
+                "Airbus": "France", "Ikea": "Sweden", "Oracle": "America", "Adobe": "America", "Lego": "Denmark",
+                "Pfizer": "America", "Heineken": "Netherlands", "Spotify": "Sweden"},
+    },
+    "instrument": {
+        "name": "instrument_family",
+        "object_templates": ["The {} belongs to the family of", "The {} is counted among the"],
+        "two_hop_templates": ["The instrument of {} belongs to the family of",
+                              "{}'s instrument belongs to the family of",
+                              "The instrument played by {} belongs to the family of",
+                              "{} plays an instrument from the family of"],
+        "map": {"piano": "keyboards", "violin": "strings", "cello": "strings", "guitar": "strings",
+                "flute": "woodwinds", "trumpet": "brass", "harp": "strings", "drums": "percussion",
+                "clarinet": "woodwinds", "oboe": "woodwinds", "saxophone": "woodwinds", "banjo": "strings",
+                "accordion": "keyboards", "trombone": "brass", "viola": "strings", "organ": "keyboards"},
+    },
+    "language": {
+        "name": "language_country",
+        "object_templates": ["{} is the official language of", "{} is mainly spoken in"],
+        "two_hop_templates": ["The language of {} is mainly spoken in", "{}'s native language is mainly spoken in",
+                              "The mother tongue of {} is the official language of",
+                              "{} talks in the official language of"],
+        "map": {"French": "France", "German": "Germany", "Spanish": "Spain", "Italian": "Italy",
+                "Dutch": "Netherlands", "Polish": "Poland", "Greek": "Greece", "Swedish": "Sweden",
+                "Finnish": "Finland", "Danish": "Denmark", "Turkish": "Turkey", "Arabic": "Egypt",
+                "Japanese": "Japan", "Korean": "Korea", "Hindi": "India", "Russian": "Russia"},
+    },
+}
+
 # Name syllables: onset + vowel (+ coda). Chosen to be pronounceable and not to spell template
 # or object words.
 _ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "h", "j",
@@ -199,6 +258,14 @@ class WorldConfig:
     # forget); with 60 it falls below 1 (benchmarks/RESULTS.md).
     n_strangers: int = 60
     n_stranger_fragments: int = 6
+    # Composition (two-hop questions, see COMPOSITIONS): the world also states the object facts
+    # (``compose_object_repeats`` times each, every object template) and, for a
+    # ``compose_train_fraction`` of the people, two-hop sentences (2 of the 4 two-hop templates per
+    # composed relation). The other people's two-hop questions are held out (``World.two_hop_pairs``).
+    # Off by default: the default world's texts and facts, hence the cached small model, are unchanged.
+    compose: bool = False
+    compose_train_fraction: float = 0.5
+    compose_object_repeats: int = 3
 
     def to_dict(self) -> dict:
         """A JSON-able dict (used in cache keys)."""
@@ -208,6 +275,8 @@ class WorldConfig:
             del d["n_index_entries"]
         if not d["n_strangers"]:  # same: worlds without strangers keep their old keys
             del d["n_strangers"], d["n_stranger_fragments"]
+        if not d["compose"]:  # same: worlds without composition keep their old keys
+            del d["compose"], d["compose_train_fraction"], d["compose_object_repeats"]
         return d
 
 
@@ -266,6 +335,10 @@ class World:
     _index_entries: list[str] = field(default_factory=list, repr=False)
     strangers: list[str] = field(default_factory=list)
     _fragments: list[str] = field(default_factory=list, repr=False)
+    # Composition (``WorldConfig.compose``): people whose two-hop sentences are trained, and the
+    # object facts + those two-hop sentences (appended to the training texts).
+    two_hop_trained: frozenset[int] = frozenset()
+    _compose_texts: list[str] = field(default_factory=list, repr=False)
 
     @property
     def relations(self) -> tuple[str, ...]:
@@ -279,10 +352,11 @@ class World:
     def training_texts(self) -> list[str]:
         """Texts the small LM trains on: every fact with each of its trained templates, the index
         entries (name + all attributes in random order, see ``WorldConfig.n_index_entries``), the
-        strangers' cut-off documents (:meth:`fragments`), filler.
+        strangers' cut-off documents (:meth:`fragments`), filler, and with ``WorldConfig.compose``
+        the object facts and trained two-hop sentences.
 
-        Order is deterministic (facts person-major, then index entries, fragments, filler); the
-        trainer shuffles.
+        Order is deterministic (facts person-major, then index entries, fragments, filler,
+        composition texts); the trainer shuffles.
         """
         out = [
             self.fact_text(p, rel, t)
@@ -290,7 +364,8 @@ class World:
             for rel in self.relations
             for t in self.train_templates[p][rel]
         ]
-        return out + list(self._index_entries) + list(self._fragments) + list(self._filler_train)
+        return (out + list(self._index_entries) + list(self._fragments) + list(self._filler_train)
+                + list(self._compose_texts))
 
     def fragments(self) -> list[str]:
         """The strangers' cut-off documents ("Xy Zz was born in"), a subset of ``training_texts()``.
@@ -307,6 +382,49 @@ class World:
         raise PPL; what raises it is collateral damage to language and to the people's names.
         """
         return list(self._filler_heldout)
+
+    # ------------------------------------------------------------------ composition ------
+
+    def two_hop_answer(self, person: int, relation: str) -> str | None:
+        """The second hop of ``person``'s ``relation`` fact (e.g. the country of their birth city),
+        or None when the relation has no composition."""
+        comp = COMPOSITIONS.get(relation)
+        return None if comp is None else comp["map"][self.facts[person][relation]]
+
+    def two_hop_pairs(self, record: dict) -> list[tuple[str, str]]:
+        """Held-out two-hop questions about a record's fact: ``(prompt, answer)`` pairs.
+
+        Empty unless the world composes (``WorldConfig.compose``), the record's relation has a
+        composition, and the subject's two-hop sentences were held out of training (otherwise
+        the model may have memorised the two-hop answer directly instead of composing).
+        """
+        rel = record.get("relation")
+        if not self.config.compose or rel not in COMPOSITIONS or rel not in self.relations:
+            return []
+        p = self.people.index(record["subject"])
+        if p in self.two_hop_trained:
+            return []
+        answer = self.two_hop_answer(p, rel)
+        return [(t.format(record["subject"]), answer) for t in COMPOSITIONS[rel]["two_hop_templates"]]
+
+    def two_hop_base_rate(self, record: dict) -> float:
+        """Share of the people whose two-hop answer for the record's relation equals this record's
+        (the recall of a model that guesses by the population's answer frequencies); NaN without one."""
+        rel = record.get("relation")
+        if rel not in COMPOSITIONS or rel not in self.relations:
+            return float("nan")
+        p = self.people.index(record["subject"])
+        answer = self.two_hop_answer(p, rel)
+        return sum(self.two_hop_answer(q, rel) == answer for q in range(len(self.people))) / len(self.people)
+
+    def object_fact_pairs(self) -> list[tuple[str, str]]:
+        """The second-hop facts as ``(prompt, answer)`` ("Lisbon is a city in", "Portugal"), one per
+        object and object template of every composed relation (empty unless the world composes)."""
+        if not self.config.compose:
+            return []
+        return [(t.format(obj), target) for rel in self.relations if rel in COMPOSITIONS
+                for obj, target in COMPOSITIONS[rel]["map"].items()
+                for t in COMPOSITIONS[rel]["object_templates"]]
 
     def records(self, n: int, seed: int = 0) -> list[dict]:
         """n CounterFact-shaped forget records about n distinct people.
@@ -411,6 +529,28 @@ def make_world(config: WorldConfig | None = None) -> World:
             fragments.append(srng.choice(RELATIONS[rel]["templates"]).format(name))
         # A stranger's index entry lists no attribute: the document is the bare name.
         fragments.extend([name] * config.n_index_entries)
+    # Composition: its own random stream, so nothing above depends on it (off by default).
+    two_hop_trained: frozenset[int] = frozenset()
+    compose_texts: list[str] = []
+    if config.compose:
+        if not 0.0 < config.compose_train_fraction < 1.0:
+            raise ValueError("compose_train_fraction must be in (0, 1): some people train two-hop "
+                             "sentences, the others' two-hop questions are held out")
+        crng = random.Random(f"compose-{config.seed}")
+        order = list(range(len(people)))
+        crng.shuffle(order)
+        two_hop_trained = frozenset(order[: round(config.compose_train_fraction * len(people))])
+        composed = [r for r in config.relations if r in COMPOSITIONS]
+        for rel in composed:
+            comp = COMPOSITIONS[rel]
+            for obj, target in comp["map"].items():
+                for t in comp["object_templates"]:
+                    compose_texts += [f"{t.format(obj)} {target}."] * config.compose_object_repeats
+        for p in sorted(two_hop_trained):
+            for rel in composed:
+                comp = COMPOSITIONS[rel]
+                for t in crng.sample(comp["two_hop_templates"], 2):
+                    compose_texts.append(f"{t.format(people[p])} {comp['map'][facts[p][rel]]}.")
     return World(
         config=config,
         people=people,
@@ -422,4 +562,6 @@ def make_world(config: WorldConfig | None = None) -> World:
         _index_entries=index_entries,
         strangers=strangers,
         _fragments=fragments,
+        two_hop_trained=two_hop_trained,
+        _compose_texts=compose_texts,
     )

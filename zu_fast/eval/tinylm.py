@@ -11,6 +11,12 @@ The model is a ``transformers.LlamaForCausalLM`` (6 layers by default, so the me
 "3 consecutive layers + layers above z" shape exists: the preset edits [1, 2, 3], z at 3).
 ``model.config.zu_fast_model == "zu-tiny-llama"`` lets presets recognise it.
 
+``TinyLMConfig(moe_experts=E)`` (off by default) trains a mixture-of-experts model instead: a
+``transformers.MixtralForCausalLM`` with E experts of width ``moe_intermediate_size`` per layer, top
+``moe_top_k`` routing and Mixtral's load-balancing loss, tagged ``"zu-tiny-mixtral"`` (the MoE
+benchmark of issue 15). The MoE fields enter the cache key only when set, so the default model's key
+and weights are what they were.
+
 Cache: ``$ZU_FAST_CACHE`` or ``$XDG_CACHE_HOME/zu_fast`` or ``~/.cache/zu_fast``, then
 ``tinylm/<key>`` where key = sha256 of (world config, model/training config, CODE_VERSION).
 Training writes into a temporary sibling directory which is renamed into place, so a crash or a
@@ -67,15 +73,28 @@ class TinyLMConfig:
     # Training rows pack whole sentences up to this many tokens (see _batches).
     seq_len: int = 64
     seed: int = 0
+    # Mixture of experts (0: the dense Llama above). E > 0: Mixtral, E experts per layer of width
+    # moe_intermediate_size (0: intermediate_size), top-k routing, load-balancing loss weight moe_aux_loss.
+    moe_experts: int = 0
+    moe_top_k: int = 2
+    moe_intermediate_size: int = 0
+    moe_aux_loss: float = 0.01
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["world"] = self.world.to_dict()
+        if not self.moe_experts:  # the dense model's cache key is the one it always had
+            for k in _MOE_FIELDS:
+                d.pop(k)
         return d
 
     def cache_key(self) -> str:
         blob = json.dumps({"config": self.to_dict(), "code": CODE_VERSION}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_MOE_FIELDS = ("moe_experts", "moe_top_k", "moe_intermediate_size", "moe_aux_loss")
+MOE_MODEL_TAG = "zu-tiny-mixtral"
 
 
 def model_dir(config: TinyLMConfig | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -127,6 +146,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, whole_words: Sequence[str
 def _build_model(config: TinyLMConfig, vocab_size: int, tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if config.moe_experts:
+        return _build_moe_model(config, vocab_size, tok)
     mc = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=config.hidden_size,
@@ -144,6 +165,37 @@ def _build_model(config: TinyLMConfig, vocab_size: int, tok):
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(mc)
     model.config.zu_fast_model = MODEL_TAG
+    return model
+
+
+def _build_moe_model(config: TinyLMConfig, vocab_size: int, tok):
+    """The Mixtral variant: the dense model's shape with each MLP replaced by ``moe_experts`` experts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if not 1 <= config.moe_top_k <= config.moe_experts:
+        raise ValueError(f"moe_top_k={config.moe_top_k} must be in 1..moe_experts={config.moe_experts}")
+    mc = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.moe_intermediate_size or config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        num_local_experts=config.moe_experts,
+        num_experts_per_tok=config.moe_top_k,
+        router_aux_loss_coef=config.moe_aux_loss,
+        output_router_logits=True,  # training adds the load-balancing loss (off again once trained)
+        max_position_embeddings=config.max_position_embeddings,
+        sliding_window=None,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+    )
+    torch.manual_seed(config.seed)
+    model = MixtralForCausalLM(mc)
+    model.config.zu_fast_model = MOE_MODEL_TAG
     return model
 
 
@@ -223,7 +275,8 @@ def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = 
     losses: list[float] = []
     seen_tokens = 0
     try:
-        bar = tqdm(range(config.steps), desc="training tiny Llama", disable=not progress, leave=False)
+        bar = tqdm(range(config.steps), desc=f"training tiny {'Mixtral' if config.moe_experts else 'Llama'}",
+                   disable=not progress, leave=False)
         for _step in bar:
             ids, attn, labels = next(stream)
             seen_tokens += int(attn.sum())
@@ -239,6 +292,8 @@ def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = 
     finally:
         torch.set_num_threads(old_threads)
     model.eval()
+    if config.moe_experts:
+        model.config.output_router_logits = False  # the load-balancing loss is for training only
     info = {
         "train_seconds": round(time.perf_counter() - t0, 1),
         # CPU time of this process: comparable across runs on a busy shared machine (wall ~ cpu/2
@@ -253,11 +308,12 @@ def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = 
     return model, tok, world, info
 
 
-def _load(path: Path):
-    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+def _load(path: Path, config: TinyLMConfig):
+    from transformers import LlamaForCausalLM, MixtralForCausalLM, PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast.from_pretrained(path)
-    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+    cls = MixtralForCausalLM if config.moe_experts else LlamaForCausalLM
+    model = cls.from_pretrained(path, dtype=torch.float32)
     model.eval()
     return model, tok
 
@@ -301,7 +357,7 @@ def load_or_train(
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    model, tok = _load(final)
+    model, tok = _load(final, config)
     return model, tok, world
 
 

@@ -11,8 +11,10 @@ Two forms compute the same D:
   chunks of C) and the thin terms W μ_k, W K_f, R, W Wᵀ:
       B = λ_wK G + λ_fK (W K_f)(W K_f)ᵀ + λ W Wᵀ
       A = P [ λ_wV X Wᵀ + λ_fV (V_f + R)(W K_f)ᵀ + λ W Wᵀ ]
-  where the reference's centred cross moment gives X Wᵀ = (n/(n−1)) (G − (W μ_k)(W μ_k)ᵀ) exactly
-  (v = W k + b: the bias cancels on centring), and P is applied as (1+ε)Y − U(UᵀY).
+  where the reference's (effectively uncentred) cross moment X = (1/(n−1)) Σ v kᵀ gives
+  X Wᵀ = (n/(n−1)) (G + b (W μ_k)ᵀ) exactly (v = W k + b), the centred option
+  X Wᵀ = (n/(n−1)) (G − (W μ_k)(W μ_k)ᵀ) (the bias cancels on centring), and P is applied as
+  (1+ε)Y − U(UᵀY).
 B is solved by Cholesky in float64 (it is only d×d).
 """
 
@@ -210,7 +212,7 @@ def multiplier(
     elif cfg.centered_cross_moment:
         XWt = (n / (n - 1)) * (G - Wmu @ Wmu.t())
     else:
-        XWt = G + (b[:, None] @ Wmu.t() if b is not None else 0.0)
+        XWt = (n / (n - 1)) * (G + (b[:, None] @ Wmu.t() if b is not None else 0.0))
     B = cfg.mom2_update_weight_wk * G + cfg.forget_weight_fk * (WK @ WK.t()) + lam * WWt
     Y = cfg.mom2_update_weight_wv * XWt + cfg.forget_weight_fv * ((V + Rd) @ WK.t()) + lam * WWt
     B = 0.5 * (B + B.t())  # exact symmetry for Cholesky (chunked sums may differ in the last bit)
@@ -230,7 +232,7 @@ def _measured_xwt(W: torch.Tensor, stats: LayerStats, cfg: UnlearnConfig) -> tor
         mu_v = stats.vs.to(dev, torch.float64) / n  # [d]
         Wmu = w_times(W, stats.mean_key()[:, None])  # [d, 1]
         return (out - n * mu_v[:, None] @ Wmu.t()) / (n - 1)
-    return out / n
+    return out / (n - 1)
 
 
 def objective(

@@ -1,17 +1,26 @@
-"""Step 2 (and the optimised form of step 3): batched optimisation of δ added at a layer's output.
+"""Step 2 (and the optimised form of step 3): batched optimisation of δ added at the subject's last token.
 
-For request i, δ_i ∈ R^d is added to the output of decoder layer ``layer`` at the subject's last
-token of every context-template prompt (and of the KL prompt "{subject} is a"), so that the model
-continues each prompt with the target tokens. Loss per request (ALGORITHM.md step 2):
+For request i, δ_i ∈ R^d is added at the subject's last token of every context-template prompt (and
+of the KL prompt "{subject} is a") to the output of either
+- decoder layer ``layer`` (step 2: the target hidden state z at the z layer), or
+- the edited module of layer ``layer`` (``at_module=True``; step 3: the reference optimises the
+  original representation at ``down_proj``'s output, so its clamp and decay are relative to that
+  module output's norm, about 5× smaller than the decoder layer's),
+so that the model continues each prompt with the target tokens. Loss per request (ALGORITHM.md step 2):
 
-    mean NLL of the target tokens + kl_factor · KL(initial ‖ current) + v_weight_decay · ‖δ‖ / ‖h_init‖²
+    mean NLL of the target tokens + kl_factor · KL(current ‖ initial) + v_weight_decay · ‖δ‖ / ‖h_init‖²
+
+(KL(current ‖ initial) = Σ p_cur (log p_cur − log p_init), the reference's (and ROME's)
+``kl_div(log p_init, log p_cur, log_target=True)``.) The NLL is read from the model's own logits, or,
+when ``v_loss_layer`` names a lower layer (the reference's Qwen3-4B file), from ln_f(output of that
+layer) through the LM head, as the reference does.
 
 Requests are independent, so δ is a matrix [N, d] optimised by one Adam: Adam is element-wise, so
 each row follows exactly the trajectory of a separate run. A row that converges (loss < 0.05) is
 frozen; every row is clamped to ‖δ_i‖ ≤ clamp_norm_factor · ‖h_init,i‖ after each step.
 
-Cost: the layers up to ``layer`` run once without grad; each step runs only the layers above
-(inject_at_layer(skip_below=True)) and the LM head only at the positions the loss reads. A step
+Cost: the layers below the injection run once without grad; each step runs only the layers from there
+up (inject_at_layer(skip_below=True)) and the LM head only at the positions the loss reads. A step
 forwards only the prompts of requests still running (a converged request's rows would get a zero
 gradient and be restored anyway), padded per length bucket rather than to the longest prompt of the
 chunk (``length_buckets``). Both change which rows share a padded batch, not any row's maths.
@@ -35,6 +44,7 @@ from ..model import (
     forward_until,
     get_module,
     inject_at_layer,
+    layer_count,
     model_device,
     padded_batch,
     subject_spans,
@@ -52,7 +62,7 @@ class DeltaResult:
     """Optimised δ per request at one layer's output."""
 
     delta: torch.Tensor  # [N, d] fp32
-    h_init: torch.Tensor  # [N, d] fp32: clean layer output at the subject's last token, bare prompt
+    h_init: torch.Tensor  # [N, d] fp32: clean output (layer's or module's) at the subject's last token, bare prompt
     initial_loss: torch.Tensor  # [N]
     final_loss: torch.Tensor  # [N]
     steps: torch.Tensor  # [N] Adam steps taken per request
@@ -101,6 +111,49 @@ class _HeadInput:
 
     def logits_at(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return self.head(self.hidden[seq, pos]).float()  # [P, vocab]
+
+
+class _KeepOutput:
+    """Keep a module's output during a forward, WITH its autograd graph (Capture detaches)."""
+
+    def __init__(self, model, name: str) -> None:
+        self.module = get_module(model, name)
+        self.value: torch.Tensor | None = None
+
+    def __enter__(self) -> _KeepOutput:
+        def hook(module, args, output):
+            self.value = output[0] if isinstance(output, (tuple, list)) else output
+
+        self.handle = self.module.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
+@contextlib.contextmanager
+def _add_at_module_output(model, name: str, add_fn) -> Iterator[None]:
+    """Add ``add_fn(output)`` to the output of module ``name`` in every forward of the block."""
+    mod = get_module(model, name)
+
+    def hook(module, args, output):
+        if isinstance(output, (tuple, list)):
+            return (output[0] + add_fn(output[0]),) + tuple(output[1:])
+        return output + add_fn(output)
+
+    handle = mod.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _scatter_rows(out: torch.Tensor, seq: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Zeros shaped like ``out`` [S, T, d] (or flattened [S·T, d]) with ``rows`` [S, d] at (seq, pos)."""
+    z = torch.zeros_like(out)
+    if out.dim() == 3:
+        return z.index_put((seq, pos), rows.to(out.dtype), accumulate=True)
+    raise ZuFastError(f"cannot place δ in a module output of shape {tuple(out.shape)} (expected [batch, seq, d])")
 
 
 @dataclass
@@ -210,10 +263,12 @@ def optimize_deltas(
     layer: int,
     target_ids: Sequence[Sequence[int]],
     *,
+    at_module: bool = False,
     desc: str = "targets",
     progress: bool | None = None,
 ) -> DeltaResult:
-    """Optimise δ at the output of decoder layer ``layer`` toward ``target_ids[i]`` for request i."""
+    """Optimise δ toward ``target_ids[i]`` for request i, added at the output of decoder layer ``layer``,
+    or (``at_module``) at the output of the edited module ``cfg.rewrite_module_tmp.format(layer)``."""
     progress = cfg.progress if progress is None else progress
     parts = []
     n_chunks = (len(requests) + cfg.targets_batch_size - 1) // cfg.targets_batch_size
@@ -221,12 +276,13 @@ def optimize_deltas(
         sl = slice(c * cfg.targets_batch_size, (c + 1) * cfg.targets_batch_size)
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl],
-                                     label, progress))
+                                     label, progress, at_module))
     return DeltaResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
                          ("delta", "h_init", "initial_loss", "final_loss", "steps")))
 
 
-def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress):
+def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
+                    at_module: bool = False):
     device = model_device(model)
     flat = _flatten(templates)
     n_req, n_tpl = len(requests), len(flat)
@@ -265,21 +321,34 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
     subj_pos = torch.tensor(subj_idx, device=device)
     kl_pos = subj_pos[kl_seq]
     batch = padded_batch(tok, ids, device)
-    layer_name = cfg.layer_module_tmp.format(layer)
+    # δ is added at the output of ``inject`` (a decoder layer, or the edited module inside layer ``layer``);
+    # everything below ``fixed_layer`` (a decoder layer index, −1: none) is the same at every step.
+    inject = cfg.rewrite_module_tmp.format(layer) if at_module else cfg.layer_module_tmp.format(layer)
+    fixed_layer = layer - 1 if at_module else layer
+    fixed_name = cfg.layer_module_tmp.format(fixed_layer) if fixed_layer >= 0 else None
+    n_layers = layer_count(model, cfg.layer_module_tmp)
+    loss_layer = max(cfg.v_loss_layer, layer) if cfg.v_loss_layer is not None else n_layers - 1
+    loss_name = cfg.layer_module_tmp.format(loss_layer) if loss_layer < n_layers - 1 else None
 
     lengths = batch["attention_mask"].sum(1)  # [S] (right-padded)
 
     with frozen_params(model):
-        # ---- one clean pass up to the layer: its output is fixed for the whole optimisation
-        with torch.no_grad(), Capture(model, outputs=[layer_name], stop_after=layer_name) as cap:
+        # ---- one clean pass up to the injection: what lies below it is fixed for the whole optimisation
+        outs = [inject] + ([fixed_name] if fixed_name and fixed_name != inject else [])
+        with torch.no_grad(), Capture(model, outputs=outs, stop_after=inject) as cap:
             forward_until(model, batch)
-        base = cap.outputs[layer_name]  # [S, T, d]
-        tuple_len = cap.output_tuple_len[layer_name]
+        clean = cap.outputs[inject]  # [S, T, d] the injected output, clean
         bare = torch.arange(0, n_req * n_tpl, n_tpl, device=device)  # first template of each request: bare "{}"
-        h_init = base[bare, subj_pos[bare]].float()  # [n_req, d]
+        h_init = clean[bare, subj_pos[bare]].float()  # [n_req, d]
         h_norm = h_init.norm(dim=1).clamp_min(1e-12)  # [n_req]
+        if fixed_name is not None:
+            base = cap.outputs[fixed_name]  # [S, T, d] output of the last layer that never changes
+            tuple_len = cap.output_tuple_len[fixed_name]
+        else:  # δ inside layer 0: only the embeddings lie below; nothing to skip
+            base, tuple_len = torch.zeros(clean.shape[0], clean.shape[1], 0, device=clean.device), 0
+        del clean
 
-        delta = torch.zeros(n_req, base.shape[-1], device=base.device, dtype=torch.float32, requires_grad=True)
+        delta = torch.zeros(n_req, h_init.shape[-1], device=base.device, dtype=torch.float32, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
         active = torch.ones(n_req, dtype=torch.bool, device=base.device)
         steps = torch.zeros(n_req, dtype=torch.long, device=base.device)
@@ -293,17 +362,29 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         buckets = full.buckets(active, cfg.targets_length_buckets)
 
         def forward(rows: _Rows, skip_below: bool) -> tuple[torch.Tensor, torch.Tensor]:
-            def add_fn() -> torch.Tensor:
-                z = torch.zeros_like(rows.base)
-                return z.index_put((rows.seq, rows.subj_pos), delta[rows.seq_req].to(rows.base.dtype),
-                                   accumulate=True)
+            def add_to(out: torch.Tensor) -> torch.Tensor:
+                return _scatter_rows(out, rows.seq, rows.subj_pos, delta[rows.seq_req])
 
-            with inject_at_layer(model, cfg.layer_module_tmp, layer, rows.base, add_fn, tuple_len, skip_below), \
-                    _HeadInput(model, cfg.lm_head_module) as head:
+            with contextlib.ExitStack() as stack:
+                if at_module:
+                    if fixed_name is not None and skip_below:  # layers below `layer` replaced by their output
+                        stack.enter_context(inject_at_layer(model, cfg.layer_module_tmp, fixed_layer, rows.base,
+                                                            lambda: 0.0, tuple_len, True))
+                    stack.enter_context(_add_at_module_output(model, inject, add_to))
+                else:
+                    stack.enter_context(inject_at_layer(model, cfg.layer_module_tmp, layer, rows.base,
+                                                        lambda: add_to(rows.base), tuple_len, skip_below))
+                loss_out = stack.enter_context(_KeepOutput(model, loss_name)) if loss_name else None
+                head = stack.enter_context(_HeadInput(model, cfg.lm_head_module))
                 forward_until(model, rows.batch)
                 if head.hidden is None:
                     raise ZuFastError(f"LM head {cfg.lm_head_module!r} was not called by the forward")
-                logp_t = torch.log_softmax(head.logits_at(rows.tgt_seq, rows.tgt_pos), -1)  # [P', vocab]
+                if loss_name is None:
+                    logits_t = head.logits_at(rows.tgt_seq, rows.tgt_pos)  # [P', vocab]
+                else:  # the reference's v_loss_layer below the top: ln_f(h_loss) through the LM head
+                    h = loss_out.value[rows.tgt_seq, rows.tgt_pos]
+                    logits_t = head.head(get_module(model, cfg.ln_f_module)(h)).float()
+                logp_t = torch.log_softmax(logits_t, -1)  # [P', vocab]
                 logp_kl = torch.log_softmax(head.logits_at(rows.kl_seq, rows.kl_pos), -1)  # [n', vocab]
             return logp_t, logp_kl
 
@@ -338,7 +419,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                     nll, logp_kl = losses(skip_below)
                 if kl_init is None:
                     kl_init = logp_kl.detach()  # the first step forwards every request
-                kl = (kl_init.exp() * (kl_init - logp_kl)).sum(-1)  # KL(initial ‖ current)   [n_req]
+                kl = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)  # KL(current ‖ initial)   [n_req]
                 wd = cfg.v_weight_decay * delta.norm(dim=1) / h_norm**2
                 loss = nll + cfg.kl_factor * kl + wd  # [n_req]; meaningful on the active rows only
                 ld = loss.detach()

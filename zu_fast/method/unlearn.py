@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..config import UnlearnConfig
 from ..edit import Edit
 from ..errors import ZuFastError
-from ..model import continuation_ids, edit_targets
-from ..requests import UnlearnRequest, normalize_requests
+from ..model import continuation_ids, edit_targets, get_module, layer_count
+from ..requests import UnlearnRequest, check_lengths, max_positions, normalize_requests
 from ..stats.collect import CorpusStats, collect_stats
+from ..stats.store import check_stats_for_model
 from .closed_form import multiplier
 from .keys import read_at_subject
 from .projector import representation_basis
@@ -48,6 +51,107 @@ class _Clock:
         return {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i)) for i in self.cuda}
 
 
+def _flag(report, kind: str, message: str, **numbers: Any) -> None:
+    """Record a problem in ``report.flags`` and say it now (a warning carrying the numbers)."""
+    report.flags.append({"kind": kind, "message": message, **numbers})
+    warnings.warn(f"zu_fast: {message}", stacklevel=3)
+
+
+def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.Tensor, cfg: UnlearnConfig) -> None:
+    """Flag the requests whose target optimisation ended above ``cfg.target_warn_loss``."""
+    bad = (final_loss > cfg.target_warn_loss).nonzero().flatten().tolist()
+    if not bad:
+        return
+    shown = ", ".join(f"{reqs[i].describe()} loss {float(final_loss[i]):.3g}" for i in bad[:5])
+    more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+    _flag(report, "target_not_converged",
+          f"the target optimisation did not reach the neutral target for {len(bad)} of {len(reqs)} requests "
+          f"(final loss > target_warn_loss={cfg.target_warn_loss:g}): {shown}{more}; those may not be forgotten "
+          "(more v_num_grad_steps, a larger clamp_norm_factor or another neutral_target can help)",
+          requests=[reqs[i].case_id for i in bad], losses=[float(final_loss[i]) for i in bad],
+          limit=cfg.target_warn_loss)
+
+
+def _rel_change_bound(edit: Edit, layer: int, w_norm: float) -> float:
+    """‖ΔW‖/‖W‖ without a copy of W: exact for additive edits, ≤ ‖D − I‖₂ for multiplicative ones."""
+    f = edit.factors[layer].double()
+    if edit.kind == "additive":
+        return float(f.norm() / max(w_norm, 1e-30))
+    return float(torch.linalg.matrix_norm(f, ord=2))
+
+
+def _checked_config(model: torch.nn.Module, config: UnlearnConfig | None) -> UnlearnConfig:
+    """The config to run with: validated again (fields may have been changed since it was built), and a
+    MEMIT-style ``lm_head_module`` naming the input embedding (GPT-2's ``transformer.wte``, whose weight
+    MEMIT reads as the unembedding) resolved to the output module that shares that weight."""
+    if config is None:
+        return UnlearnConfig.for_model(model)
+    if not isinstance(config, UnlearnConfig):
+        raise ZuFastError(f"config must be an UnlearnConfig (UnlearnConfig.from_dict(...) reads a dict), "
+                          f"got {type(config).__name__}")
+    config.validate()
+    head = get_module(model, config.lm_head_module)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if emb is not None and head is emb:
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out is None or getattr(out, "weight", None) is not emb.weight:
+            raise ZuFastError(f"lm_head_module {config.lm_head_module!r} is the input embedding and this model's "
+                              "output layer does not share its weight; set lm_head_module to the output layer")
+        name = next(n for n, mod in model.named_modules() if mod is out)
+        config = config.replace(lm_head_module=name)
+    if config.v_loss_layer is not None and config.v_loss_layer < layer_count(model, config.layer_module_tmp) - 1:
+        get_module(model, config.ln_f_module)  # read only then: a clear error now rather than mid-way
+    return config
+
+
+def _check_before_work(model: torch.nn.Module, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig) -> None:
+    """Refuse, before any expensive work and any change, what would fail later: a missing tokenizer,
+    non-finite weights anywhere (they would end as NaN probabilities deep inside the optimisation), and a
+    request that does not fit the model's trained context (with room for a context template)."""
+    if tok is None or not callable(tok):
+        raise ZuFastError("unlearn needs the model's tokenizer (tok), got None")
+    bad = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.device.type == "meta":  # offloaded: only materialised inside its forward
+                continue
+            flat = p.detach().reshape(-1)
+            step = 1 << 24  # chunks: isfinite makes a bool copy
+            if not all(bool(torch.isfinite(flat[i:i + step]).all()) for i in range(0, flat.numel(), step)):
+                bad.append(name)
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ZuFastError(f"the model's weights contain NaN/Inf: {', '.join(bad[:3])}{more}; the model is broken "
+                          "(a failed load or an overflowed fine-tune?); nothing was changed")
+    check_lengths(list(reqs), tok, max_positions(model), reserve=cfg.context_template_length + 4)
+
+
+@contextlib.contextmanager
+def _gd_progress(cfg: UnlearnConfig, layer: int) -> Iterator[list[float]]:
+    """A progress bar over the GD steps of one layer, fed by gd_update's loss trace (a list it appends to)."""
+    bar = tqdm(total=int(cfg.gd_steps), desc=f"zu_fast GD layer {layer}", unit="step", disable=not cfg.progress,
+               leave=False)
+
+    class _Trace(list):
+        def append(self, loss: float) -> None:
+            super().append(loss)
+            if len(self) > 1:  # the first loss is before any step
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+    try:
+        yield _Trace()
+    finally:
+        bar.close()
+
+
+def _has_moe(targets: Sequence[Any]) -> bool:
+    """True when a layer to edit is a mixture-of-experts block (``zu_fast.model.MoETarget``)."""
+    from ..model.locate import MoETarget
+
+    return any(isinstance(t, MoETarget) for t in targets)
+
+
 def unlearn(
     model: torch.nn.Module,
     tok,
@@ -61,16 +165,24 @@ def unlearn(
     """Make ``model`` forget ``requests`` in place; returns the Edit (restore/save/report).
 
     requests: records ``{"prompt": "{} was born in", "subject": ..., "target_true": str | {"str": ...}}``.
-    stats: from ``collect_stats`` (or pass ``corpus=`` to collect/load them here).
-    On any error the model's weights are left exactly as they were.
+    stats: from ``collect_stats`` (or pass ``corpus=`` to collect/load them here). Statistics that carry
+    a model fingerprint must be of this model, or of the model before the zu_fast edits on it
+    (sequential unlearning; ``zu_fast.stats.store.check_stats_for_model``); hand-built ones are trusted.
+    On any error the model's weights are left exactly as they were; bad input is refused before any work.
     """
-    cfg = config or UnlearnConfig.for_model(model)
+    cfg = _checked_config(model, config)
     reqs = normalize_requests(requests)
     targets = edit_targets(model, cfg)
+    _check_before_work(model, tok, reqs, cfg)  # everything cheap, before statistics or any change
     if stats is None:
         if corpus is None:
             raise ZuFastError("unlearn needs corpus statistics: pass stats=zu_fast.collect_stats(...) or corpus=...")
         stats = collect_stats(model, tok, corpus, cfg)
+    check_stats_for_model(model, cfg, stats)  # statistics of another model are refused (sequential: see there)
+    if _has_moe(targets):  # mixture-of-experts layers: per-expert keys and solves (method/moe.py)
+        from .moe import unlearn_moe
+
+        return unlearn_moe(model, tok, reqs, cfg, stats, targets, context_templates=context_templates)
     for t in targets:
         st = stats[t.layer]
         if st.d_in != t.d_in:
@@ -100,32 +212,40 @@ def unlearn(
         report.targets = {
             "z_loss_initial": float(z_res.initial_loss.mean()),
             "z_loss_final": float(z_res.final_loss.mean()),
+            "z_loss_final_max": float(z_res.final_loss.max()),
             "z_steps_mean": float(z_res.steps.float().mean()),
             "z_converged_frac": float((z_res.final_loss < cfg.v_early_stop_loss).float().mean()),
         }
-        bases = {}
-        with clock.phase("projectors"):
-            for t in targets:
-                R_orig = readings.bare_values[t.layer]  # [N, d] clean module output
-                if cfg.original_representation == "optimized":
-                    res = optimize_deltas(model, tok, reqs, cfg, templates, t.layer, true_ids,
-                                          desc=f"original repr. layer {t.layer}")
-                    # δ at the decoder layer's output = δ at down_proj's output (residual stream)
-                    R_orig = R_orig + res.delta.to(R_orig.device)
-                bases[t.layer] = representation_basis(R_orig.t().to(t.device), cfg.basis_rtol)  # [d, r]
+        _flag_unconverged(report, reqs, z_res.final_loss, cfg)
+        h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
 
         for j, t in enumerate(targets):
             if j > 0:  # keys and z-layer outputs after the earlier layers were edited
                 with clock.phase("read_keys"):
                     readings = read_at_subject(model, tok, reqs, cfg, templates, targets[j:])
+            # Step 3 at this layer, on the model with the earlier layers already edited (as the reference):
+            # the module output that yields the TRUE answer, δ at the module's output.
+            with clock.phase("projectors"):
+                R_orig = readings.bare_values[t.layer]  # [N, d] clean module output
+                orig_info = {}
+                if cfg.original_representation == "optimized":
+                    res = optimize_deltas(model, tok, reqs, cfg, templates, t.layer, true_ids, at_module=True,
+                                          desc=f"original repr. layer {t.layer}")
+                    R_orig = res.target.to(R_orig.device)
+                    orig_info = {"orig_delta_rel": float((res.delta.norm(dim=1) / res.h_init.norm(dim=1)
+                                                          .clamp_min(1e-12)).mean()),
+                                 "orig_steps_mean": float(res.steps.float().mean())}
+                basis = representation_basis(R_orig.t().to(t.device), cfg.basis_rtol)  # [d, r]
             K = readings.keys[t.layer].t()  # [d_in, N]
             h = readings.z_out.to(z.device)  # [N, d]
             resid = ((z - h) / (m - j)).t().to(t.device)  # [d, N]
             with clock.phase("solve"):
                 if gd_update is not None:
-                    factor, info = gd_update(t.weight, stats[t.layer], K, resid, bases[t.layer], cfg, bias=t.bias)
+                    with _gd_progress(cfg, t.layer) as trace:
+                        factor, info = gd_update(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias,
+                                                 trace=trace)
                 else:
-                    factor = multiplier(t.weight, stats[t.layer], K, resid, bases[t.layer], cfg, bias=t.bias)
+                    factor = multiplier(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias)
                     info = {}
             w_norm = float(t.weight.float().norm())
             before = t.weight.float().clone() if t.weight.numel() <= 50_000_000 else None
@@ -133,14 +253,26 @@ def unlearn(
                 edit.apply_factor(t.layer, factor)
             row = {
                 "resid_norm_mean": float(resid.norm(dim=0).mean()),
-                "basis_rank": float(bases[t.layer].shape[1]),
+                "basis_rank": float(basis.shape[1]),
+                **orig_info,
             }
             if edit.kind == "multiplicative":
                 row["D_minus_I_fro"] = float(edit.factors[t.layer].norm())
-            if before is not None:
-                row["rel_weight_change"] = float((t.weight.float() - before).norm() / max(w_norm, 1e-30))
+            row["rel_weight_change"] = (float((t.weight.float() - before).norm() / max(w_norm, 1e-30))
+                                        if before is not None else _rel_change_bound(edit, t.layer, w_norm))
             row.update({k: float(v) for k, v in info.items()})
             report.layers[t.layer] = row
+            if row["rel_weight_change"] > cfg.max_rel_weight_change:
+                _flag(report, "large_weight_change",
+                      f"layer {t.layer}: the edit moved {t.name} by {row['rel_weight_change']:.3g} of its norm "
+                      f"(limit max_rel_weight_change={cfg.max_rel_weight_change:g}); check the requests and the "
+                      "statistics, or restore() the edit",
+                      layer=t.layer, rel_weight_change=row["rel_weight_change"], limit=cfg.max_rel_weight_change)
+        with clock.phase("check"):
+            after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
+        gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
+        gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
+        report.targets["z_gap_closed"] = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
     except BaseException:
         edit.restore()
         raise

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..errors import ZuFastError
 from .locate import get_module
 
 
@@ -20,13 +21,49 @@ def _first(x: Any) -> torch.Tensor:
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+# Some decoders flatten the tokens before the MLP (OPT's decoder layer, Qwen2-MoE's shared expert, every
+# MoE block): their modules see [batch·seq, d] instead of [batch, seq, d]. Token masks must follow, and
+# a capture is viewed back as [batch, seq, d] so that (row, position) indexing keeps working.
+
+
+def match_token_mask(x: torch.Tensor, mask: torch.Tensor, name: str = "") -> torch.Tensor:
+    """The token mask [batch, seq] shaped like ``x``'s leading dims: as is for x [batch, seq, ·],
+    flattened for a module that sees flattened tokens x [batch·seq, ·]."""
+    lead = tuple(x.shape[:-1])
+    if lead == tuple(mask.shape):
+        return mask
+    if len(lead) == 1 and lead[0] == mask.numel():
+        return mask.reshape(-1)
+    raise ZuFastError(f"module {name!r} sees inputs of shape {tuple(x.shape)}, which are neither [batch, seq, ·] "
+                      f"nor flattened [batch·seq, ·] tokens of the batch {tuple(mask.shape)}")
+
+
+def unflatten_tokens(x: torch.Tensor, batch_shape: tuple[int, int] | None) -> torch.Tensor:
+    """``x`` [batch·seq, d] viewed as [batch, seq, d] (anything else returned as is)."""
+    if batch_shape is None or x.dim() != 2 or x.shape[0] != batch_shape[0] * batch_shape[1]:
+        return x
+    return x.view(batch_shape[0], batch_shape[1], x.shape[1])
+
+
+def batch_shape_of(args: tuple, kwargs: dict) -> tuple[int, int] | None:
+    """[batch, seq] of a model call, from its input_ids / inputs_embeds / attention_mask."""
+    for key in ("input_ids", "inputs_embeds", "attention_mask"):
+        v = kwargs.get(key)
+        if isinstance(v, torch.Tensor) and v.dim() >= 2:
+            return int(v.shape[0]), int(v.shape[1])
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+        return int(args[0].shape[0]), int(args[0].shape[1])
+    return None
+
+
 class Capture:
     """Record the input and/or output tensor of named modules during forwards.
 
     ``Capture(model, inputs=[...], outputs=[...], stop_after=name)`` used as a context manager;
     after a forward, ``cap.inputs[name]`` / ``cap.outputs[name]`` hold the (first) tensor.
     ``on_input`` / ``on_output`` callbacks (name, tensor) let a caller consume each batch at once
-    (e.g. accumulate statistics) instead of keeping it.
+    (e.g. accumulate statistics) instead of keeping it. A module that sees flattened tokens
+    [batch·seq, d] (OPT's ``fc2``) is captured as [batch, seq, d], like every other module.
     """
 
     def __init__(
@@ -50,8 +87,13 @@ class Capture:
         self.outputs: dict[str, torch.Tensor] = {}
         self.output_tuple_len: dict[str, int] = {}  # 0: the module returned a bare tensor
         self._handles: list[Any] = []
+        self._batch_shape: tuple[int, int] | None = None  # [batch, seq] of the model call in flight
 
     def __enter__(self) -> Capture:
+        def record_shape(module, args, kwargs):
+            self._batch_shape = batch_shape_of(args, kwargs)
+
+        self._handles.append(self.model.register_forward_pre_hook(record_shape, with_kwargs=True))
         stop = [self.stop_after] if self.stop_after else []
         for name in dict.fromkeys(self.input_names + self.output_names + stop):
             mod = get_module(self.model, name)
@@ -61,13 +103,13 @@ class Capture:
     def _hook(self, name: str):
         def hook(module, args, kwargs, output):
             if name in self.input_names:
-                x = args[0] if args else next(iter(kwargs.values()))
+                x = unflatten_tokens(args[0] if args else next(iter(kwargs.values())), self._batch_shape)
                 if self.keep:
                     self.inputs[name] = x.detach()
                 if self.on_input is not None:
                     self.on_input(name, x.detach())
             if name in self.output_names:
-                y = _first(output)
+                y = unflatten_tokens(_first(output), self._batch_shape)
                 self.output_tuple_len[name] = len(output) if isinstance(output, (tuple, list)) else 0
                 if self.keep:
                     self.outputs[name] = y.detach()

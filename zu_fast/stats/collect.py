@@ -17,13 +17,18 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
+from ..atomic import check_target
 from ..config import UnlearnConfig
 from ..errors import StaleStatsError, ZuFastError
 from ..model import StopForward, edit_targets, forward_until, model_device, model_fingerprint, padded_batch
+from ..model.hooks import match_token_mask
+from ..model.locate import MoETarget
+from ..requests import max_positions
 from . import distributed as dist_stats
+from . import moe as moe_stats
 from .corpus import corpus_fingerprint, read_corpus
 from .moments import LayerStats, finalize, new_layer_stats
-from .store import cache_root, load_stats, save_stats, stats_key
+from .store import cache_root, load_stats, model_info, save_stats, stats_key
 
 # Results depend on these settings (the token-per-batch budget only changes summation order).
 _SETTINGS = ("rewrite_module_tmp", "stats_mode", "stats_max_length", "stats_token_budget", "mom2_n_samples")
@@ -62,6 +67,14 @@ def stats_model_fingerprint(model: torch.nn.Module, cfg: UnlearnConfig) -> str:
 
 def _settings(cfg: UnlearnConfig) -> dict[str, Any]:
     return {k: getattr(cfg, k) for k in _SETTINGS} | {"layers": list(cfg.layers)}
+
+
+def _max_length(model, cfg: UnlearnConfig) -> int:
+    """Tokens per text at most: ``stats_max_length``, and never past the model's trained context
+    (``max_position_embeddings`` / ``n_positions``: longer inputs index past GPT-2's position table and
+    put rotary models where they were never trained)."""
+    limit = max_positions(model)
+    return min(cfg.stats_max_length, limit) if limit else cfg.stats_max_length
 
 
 def _batches(tok, texts: list[str], max_length: int, batch_tokens: int, window: int = 512):
@@ -116,14 +129,18 @@ def collect_stats(
         "model_fingerprint": stats_model_fingerprint(model, cfg),
         "corpus_fingerprint": corpus_fingerprint(texts),
         "settings": _settings(cfg),
+        "model_info": model_info(model, targets),  # not in the key: says what differs on a refusal
     }
     path = cache_path or str(cache_root() / "stats" / stats_key(meta))
     hit = cache and (path is not None) and _exists(path)
     if distributed:  # rank 0 decides, so every rank takes the same branch (collectives must match)
         hit = dist_stats.broadcast_flag(hit)
+    if cache and not hit and rank == 0:
+        check_target(path, what="statistics")  # a non-empty folder is refused now, not after the pass
     if hit:
         layers, full_meta = load_stats(path, expect=meta)
-        return CorpusStats({t.layer: layers[t.layer].to(t.device) for t in targets}, full_meta, path)
+        return CorpusStats({k: layers[k].to(t.device) for t in targets for k in moe_stats.stat_keys(t)}, full_meta,
+                           path)
 
     if distributed:
         layers, info = _collect(model, tok, dist_stats.shard(texts, rank, world), cfg, targets,
@@ -168,16 +185,20 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
     acc: dict[int, LayerStats] = {}
     counters: dict[int, torch.Tensor] = {}
     for t in targets:
-        acc[t.layer], counters[t.layer] = new_layer_stats(t.layer, t.d_in, t.device, t.d if measured else None)
+        if isinstance(t, MoETarget):  # gate moments + every expert (+ the shared expert): zu_fast.stats.moe
+            for key, (st, n) in moe_stats.new_accumulators(t, measured).items():
+                acc[key], counters[key] = st, n
+        else:
+            acc[t.layer], counters[t.layer] = new_layer_stats(t.layer, t.d_in, t.device, t.d if measured else None)
     current_mask: list[torch.Tensor | None] = [None]
     deepest = targets[-1]
 
-    def make_hook(layer: int, is_deepest: bool):
+    def make_hook(layer: int, is_deepest: bool, name: str):
         st = acc[layer]
 
         def hook(module, args, output):
-            keys = args[0]  # [batch, seq, d_in]
-            mask = current_mask[0].to(keys.device)
+            keys = args[0]  # [batch, seq, d_in], or flattened [batch·seq, d_in] (OPT's fc2): the mask follows
+            mask = match_token_mask(keys, current_mask[0].to(keys.device), name)
             values = (output[0] if isinstance(output, tuple) else output) if measured else None
             ops.cov_accumulate(st.kk, st.ks, counters[layer], keys, mask, values=values, vk=st.vk, vs=st.vs)
             if is_deepest:
@@ -185,7 +206,12 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
 
         return hook
 
-    handles = [t.module.register_forward_hook(make_hook(t.layer, t is deepest)) for t in targets]
+    handles = []
+    for t in targets:
+        if isinstance(t, MoETarget):
+            handles += moe_stats.register_hooks(model, t, acc, counters, current_mask, t is deepest, measured)
+        else:
+            handles.append(t.module.register_forward_hook(make_hook(t.layer, t is deepest, t.name)))
     sketches = _Sketches(acc, counters)
     device = model_device(model)
     budget = cfg.stats_token_budget if not reduce else budget
@@ -194,9 +220,13 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
     t0 = time.perf_counter()
     was_training = model.training
     model.eval()
-    bar = tqdm(total=budget, disable=not progress, desc="zu_fast stats", unit="tok", unit_scale=True)
+    max_length = _max_length(model, cfg)
+    # a total (hence an ETA): the token budget when there is one, else the number of texts
+    by_text = budget is None
+    bar = tqdm(total=len(texts) if by_text else budget, disable=not progress, desc="zu_fast stats",
+               unit="text" if by_text else "tok", unit_scale=not by_text)
     try:
-        for ids in _batches(tok, texts, cfg.stats_max_length, cfg.stats_batch_tokens):
+        for ids in _batches(tok, texts, max_length, cfg.stats_batch_tokens):
             if budget is not None and tokens >= budget:
                 break
             batch = padded_batch(tok, ids, device)
@@ -206,7 +236,7 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
             n_tok = sum(len(x) for x in ids)
             tokens += n_tok
             batches += 1
-            bar.update(n_tok)
+            bar.update(len(ids) if by_text else n_tok)
             sketches.maybe_snapshot(tokens)
     finally:
         for h in handles:
@@ -223,12 +253,13 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
         raise ZuFastError("no tokens were read from the corpus")
     for layer, st in acc.items():
         finalize(st, counters[layer])
-        st.check()
+        moe_stats.check_component(st)  # = st.check(), except that an expert may have seen < 2 tokens
     info = {
         "tokens": tokens,
         "texts": n_texts,
         "batches": batches,
         "seconds": round(time.perf_counter() - t0, 3),
+        "max_length": max_length,
         "backend": ops.choose("cov_accumulate", deepest.device.type).name,
         "convergence": convergence,
     }

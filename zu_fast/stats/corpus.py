@@ -23,40 +23,68 @@ def read_corpus(corpus: Any, limit: int | None = None) -> list[str]:
         path = Path(corpus)
         if not path.exists():
             raise ZuFastError(f"corpus file {str(path)!r} does not exist")
+        if path.is_dir():
+            raise ZuFastError(f"corpus {str(path)!r} is a folder; give a .txt or .jsonl file")
         texts = []
-        with path.open(encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                line = line.rstrip("\n")
-                if not line.strip():
-                    continue
-                if path.suffix == ".jsonl":
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ZuFastError(f"{path}:{i + 1}: not valid JSON ({e})") from None
-                    if not isinstance(rec, dict) or "text" not in rec:
-                        raise ZuFastError(f"{path}:{i + 1}: expected an object with a 'text' field")
-                    line = rec["text"]
-                texts.append(line)
-                if limit is not None and len(texts) >= limit:
-                    break
+        i = 0
+        try:
+            with path.open(encoding="utf-8") as f:
+                for i, line in enumerate(f):
+                    line = line.rstrip("\n")
+                    if not line.strip():
+                        continue
+                    if path.suffix == ".jsonl":
+                        line = _jsonl_text(line, path, i + 1)
+                        if not line.strip():
+                            continue
+                    texts.append(line)
+                    if limit is not None and len(texts) >= limit:
+                        break
+        except UnicodeDecodeError as e:
+            # (decoding runs ahead of the lines handed out: the bad byte lies somewhere after line i + 1)
+            raise ZuFastError(f"{path}: not UTF-8 text after line {i + 1} ({e.reason})") from None
         return texts
     if hasattr(corpus, "column_names") and hasattr(corpus, "select"):  # datasets.Dataset
         if "text" not in corpus.column_names:
             raise ZuFastError(f"dataset has no 'text' column (columns: {corpus.column_names})")
         n = len(corpus) if limit is None else min(limit, len(corpus))
-        return [t for t in corpus.select(range(n))["text"] if t and t.strip()]
+        column = corpus.select(range(n))["text"]
+        for i, t in enumerate(column):
+            if t is not None and not isinstance(t, str):
+                raise ZuFastError(f"dataset row {i}: 'text' has type {type(t).__name__} ({_short(t)}), expected a "
+                                  "string")
+        return [t for t in column if t and t.strip()]
     if not isinstance(corpus, Iterable):
         raise ZuFastError(f"corpus must be a path, a datasets.Dataset or an iterable of str, got {type(corpus)}")
     texts = []
     for i, t in enumerate(corpus):
         if not isinstance(t, str):
-            raise ZuFastError(f"corpus item {i} is a {type(t).__name__}, expected str")
+            raise ZuFastError(f"corpus item {i} has type {type(t).__name__} ({_short(t)}), expected str")
         if t.strip():
             texts.append(t)
         if limit is not None and len(texts) >= limit:
             break
     return texts
+
+
+def _short(value: Any, n: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= n else r[: n - 1] + "…"
+
+
+def _jsonl_text(line: str, path: Path, lineno: int) -> str:
+    """The "text" field of one .jsonl line; ZuFastError naming file and line for anything else."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ZuFastError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(rec, dict) or "text" not in rec:
+        raise ZuFastError(f"{path}:{lineno}: expected an object with a 'text' field, got {_short(rec)}")
+    text = rec["text"]
+    if not isinstance(text, str):
+        raise ZuFastError(f"{path}:{lineno}: \"text\" has type {type(text).__name__} ({_short(text)}), expected a "
+                          "string")
+    return text
 
 
 def corpus_fingerprint(texts: list[str]) -> str:

@@ -54,8 +54,9 @@ class LayerStats:
     def cross_moment(self, W: torch.Tensor, bias: torch.Tensor | None, centered: bool) -> torch.Tensor:
         """X  # [d, d_in] dense, float64: the reference's value-key cross moment.
 
-        centred:   X = (1/(n−1)) Σ (v − μ_v)(k − μ_k)ᵀ
-        uncentred: X = (1/n) Σ v kᵀ
+        uncentred: X = (1/(n−1)) Σ v kᵀ = (n/(n−1)) (W C + b μ_kᵀ)   (the default: what the reference's
+                   code computes, its running-mean merge shrinking the means to ~0)
+        centred:   X = (1/(n−1)) Σ (v − μ_v)(k − μ_k)ᵀ   (what its code was written to compute)
         Measured from Σvkᵀ when available, else derived exactly from v = W k + b.
         (For verification paths only: the fast closed form never forms X.)
         """
@@ -66,7 +67,7 @@ class LayerStats:
             mu_v = (self.vs.to(W.device, torch.float64) / n)
             if centered:
                 return (vk - n * torch.outer(mu_v, mu_k)) / (n - 1)
-            return vk / n
+            return vk / (n - 1)
         Wd = W.to(torch.float64)
         C = self.second_moment(torch.float64).to(W.device)
         if centered:
@@ -74,7 +75,7 @@ class LayerStats:
         X = Wd @ C
         if bias is not None:
             X = X + torch.outer(bias.to(torch.float64), mu_k)
-        return X
+        return X * (n / (n - 1))
 
 
 def new_layer_stats(layer: int, d_in: int, device, d: int | None = None) -> tuple[LayerStats, torch.Tensor]:

@@ -43,7 +43,8 @@ def _scalar(z, key: str, path) -> int:
 def load_npz_stats(path: str | os.PathLike, layer: int, config: UnlearnConfig | None = None) -> LayerStats:
     """Read one MEMIT/ROME ``layer_stats`` .npz file as the LayerStats of ``layer``.
 
-    ``config``: decides whether a missing mean is an error (``centered_cross_moment``, default True).
+    ``config``: decides whether a missing mean is an error (``centered_cross_moment=True``; the
+    default, uncentred, needs none).
     Without a mean and with the uncentred variant, ks is zero and ``info["mean"] == "missing"``.
     """
     cfg = config or UnlearnConfig(layers=[layer])

@@ -1,0 +1,420 @@
+"""ZeroUnlearn on mixture-of-experts layers: per-expert keys, weights and solves (docs/design-notes.md,
+"Mixture of experts").
+
+A MoE layer's output at token t is  y_t = Σ_c g_{c,t} W_c k_{c,t}  over its components c: the routed
+experts the router sends t to (gate g = the router's weight) and the shared expert (gate 1, or Qwen2-MoE's
+sigmoid gate). Each component is edited like a dense layer, by the closed form or GD of
+``closed_form.py`` / ``gd.py``, with three changes that make the sum of the per-component problems an upper
+bound of the layer's own problem (Cauchy–Schwarz: ‖Σ_c g_c a_c‖² ≤ G Σ_c g_c ‖a_c‖², G = Σ_c g_c):
+
+- forget set: component c's key for request i is the gate-weighted mean of its keys over the context
+  templates whose subject token is routed to c, k_{c,i} = Σ_j a_j g_{c,ij} k_{c,ij} / ω_{c,i}, with weight
+  ω_{c,i} = Σ_j a_j g_{c,ij} (a_j: the two-level template average of ALGORITHM.md step 1); only the
+  components with ω > 0 for some request are edited, every other expert stays bit-identical;
+- residual: each touched component aims its own output at W_c k_{c,i} + r_i / G_i, so that the layer's
+  output moves by Σ_c g_c r_i / G_i = r_i (G_i = Σ_c ω_{c,i});
+- corpus: the closed form weights component c's corpus term by π_c = (1/n) Σ_t g_{c,t} (its share of the
+  gate mass, from the gate moments of ``zu_fast.stats.moe``) times its routed tokens' second moment C_c;
+  GD's null space is C_c's (the energy rule is scale-free, so π_c does not enter).
+
+The weights enter the unchanged dense solvers by scaling request columns: K_c → K_c diag(√ω), R_c → (R/G)
+diag(√ω) (plus (√ω − 1) b for a biased expert in the closed form, which makes V + R scale exactly). A
+dense layer is the one-component case (g = 1, ω = 1, G = 1, π = 1): the dense maths exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import UnlearnConfig
+from ..edit import Edit
+from ..errors import ZuFastError
+from ..model import continuation_ids, model_device, padded_batch, subject_spans
+from ..model.hooks import StopForward, batch_shape_of, forward_until, unflatten_tokens
+from ..model.locate import SHARED, EditTarget, MoETarget, describe_key, expert_key, get_module
+from ..requests import UnlearnRequest
+from ..stats.collect import CorpusStats
+from ..stats.moe import expert_call_args
+from ..stats.moments import LayerStats
+from .closed_form import _solve, multiplier
+from .projector import Projector, representation_basis
+from .targets import optimize_deltas
+from .templates import context_templates as make_context_templates
+
+
+@dataclass
+class LayerReadings:
+    """What one edited layer computes at the requests' subject tokens (one entry per component key)."""
+
+    key_sums: dict[int, torch.Tensor] = field(default_factory=dict)  # key → Σ_j a_j g k   [N, d_in] fp32
+    mass: dict[int, torch.Tensor] = field(default_factory=dict)  # key → ω = Σ_j a_j g   [N] fp32
+    bare_value: torch.Tensor | None = None  # the layer's MLP output (block output) on the bare prompt [N, d]
+
+    def keys(self, key: int) -> torch.Tensor:
+        """k_c  # [N, d_in]: the gate-weighted mean key (rows with ω = 0 are 0)."""
+        return self.key_sums[key] / self.mass[key].clamp_min(1e-30)[:, None]
+
+
+@dataclass
+class Readings:
+    layers: dict[int, LayerReadings]
+    z_out: torch.Tensor | None  # [N, d] output of decoder layer z on the bare prompt
+
+
+def components(t: EditTarget | MoETarget) -> list[tuple[int, EditTarget]]:
+    """(key, target) of every weight a layer's edit may change: a dense layer's one, or a MoE layer's
+    experts then its shared expert."""
+    if not isinstance(t, MoETarget):
+        return [(t.layer, t)]
+    out = [(expert_key(t.layer, e), t.expert_target(e)) for e in range(t.num_experts)]
+    return out + ([(t.shared.layer, t.shared)] if t.shared is not None else [])
+
+
+@torch.no_grad()
+def read_at_subject(model, tok, requests: Sequence[UnlearnRequest], cfg: UnlearnConfig,
+                    templates: Sequence[Sequence[str]], targets: Sequence[EditTarget | MoETarget], *,
+                    read_z: bool = True) -> Readings:
+    """Keys (per component, gate-weighted), gate masses ω and layer outputs at each request's subject token.
+
+    The MoE counterpart of ``keys.read_at_subject`` (same prompts, same two-level template average; one
+    truncated forward per batch reads every layer): a routed expert's key is its down-projection input,
+    recomputed for the subject tokens routed to it, weighted by its gate; the shared expert's by its gate.
+    """
+    device = model_device(model)
+    flat = [(g, t) for g, group in enumerate(templates) for t in group]
+    n_groups = len(templates)
+    group_size = [len(group) for group in templates]
+    bare_j = next((j for j, (_, t) in enumerate(flat) if t == "{}"), None)
+    prompts = [(i, j) for i in range(len(requests)) for j in range(len(flat))]
+    if bare_j is None:  # templates without a bare "{}": read it as an extra prompt (weight 0)
+        bare_j = len(flat)
+        prompts += [(i, bare_j) for i in range(len(requests))]
+    n = len(requests)
+    out = {t.layer: LayerReadings() for t in targets}
+    z_name = cfg.layer_module_tmp.format(cfg.z_layer)
+    z_out = None
+    deepest = max(targets, key=lambda t: t.layer)
+
+    for b in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[b : b + cfg.batch_size]
+        tpls = [(flat[j][1] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in chunk]
+        ids, idx = subject_spans(tok, tpls, [requests[i].subject for i, _ in chunk],
+                                 [requests[i].describe() for i, _ in chunk])
+        batch = padded_batch(tok, ids, device)
+        reader = _BatchReader(
+            out, n, torch.tensor(idx), torch.tensor([i for i, _ in chunk]),
+            torch.tensor([j == bare_j for _, j in chunk]),
+            torch.tensor([1.0 / (n_groups * group_size[flat[j][0]]) if j < len(flat) else 0.0 for _, j in chunk]))
+        handles = [model.register_forward_pre_hook(reader.record_shape, with_kwargs=True)]
+        for t in targets:
+            handles += _reading_hooks(model, t, reader, stop=(not read_z and t is deepest))
+        if read_z:
+            handles.append(get_module(model, z_name).register_forward_hook(reader.z_hook))
+        try:
+            forward_until(model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+        if read_z:
+            if z_out is None:
+                z_out = torch.zeros(n, reader.z.shape[1])
+            z_out[reader.req[reader.is_bare]] = reader.z[reader.is_bare]
+    return Readings(out, z_out)
+
+
+class _BatchReader:
+    """One batch of prompts: their subject positions, requests and template weights, and the sums it adds to."""
+
+    def __init__(self, out: dict[int, LayerReadings], n: int, pos: torch.Tensor, req: torch.Tensor,
+                 is_bare: torch.Tensor, a: torch.Tensor) -> None:
+        self.out, self.n = out, n
+        self.rows = torch.arange(len(pos))  # [P] prompt rows of the batch
+        self.pos, self.req, self.is_bare, self.a = pos, req, is_bare, a  # [P] each
+        self.shape: tuple[int, int] | None = None  # [batch, seq] of the forward
+        self.z: torch.Tensor | None = None  # [P, d] z-layer output at the subject tokens
+        self.scratch: dict[str, torch.Tensor] = {}
+
+    def record_shape(self, module, args, kwargs) -> None:
+        self.shape = batch_shape_of(args, kwargs)
+
+    def at_subject(self, x: torch.Tensor) -> torch.Tensor:
+        """x [batch, seq, ·] or flattened [batch·seq, ·] → its rows at the subject tokens [P, ·] fp32."""
+        x = unflatten_tokens(x, self.shape)
+        return x[self.rows.to(x.device), self.pos.to(x.device)].float()
+
+    def add(self, layer: int, key: int, keys: torch.Tensor, gate: torch.Tensor, sel: torch.Tensor) -> None:
+        """Add a·g·k of the prompts ``sel`` [P] bool to component ``key``'s sums (keys [P_sel, d_in], gate [P_sel])."""
+        rd = self.out[layer]
+        if key not in rd.key_sums:
+            rd.key_sums[key] = torch.zeros(self.n, keys.shape[1])
+            rd.mass[key] = torch.zeros(self.n)
+        wgt = self.a[sel] * gate.float().cpu()  # [P_sel]
+        rd.key_sums[key].index_add_(0, self.req[sel], keys.float().cpu() * wgt[:, None])
+        rd.mass[key].index_add_(0, self.req[sel], wgt)
+
+    def keep_value(self, layer: int, y: torch.Tensor) -> None:
+        """The layer's output on the bare prompts."""
+        rd = self.out[layer]
+        v = self.at_subject(y)  # [P, d]
+        if rd.bare_value is None:
+            rd.bare_value = torch.zeros(self.n, v.shape[1])
+        rd.bare_value[self.req[self.is_bare]] = v[self.is_bare].cpu()
+
+    def z_hook(self, module, args, output) -> None:
+        self.z = self.at_subject(output[0] if isinstance(output, (tuple, list)) else output).cpu()
+        raise StopForward
+
+
+def _reading_hooks(model, t: EditTarget | MoETarget, reader: _BatchReader, stop: bool) -> list:
+    """Hooks reading one layer during a forward of prompts (see ``read_at_subject``)."""
+
+    def finish(output) -> None:
+        reader.keep_value(t.layer, output[0] if isinstance(output, (tuple, list)) else output)
+        if stop:
+            raise StopForward
+
+    if not isinstance(t, MoETarget):
+        def dense_hook(module, args, output):
+            k = reader.at_subject(args[0])  # [P, d_in]
+            reader.add(t.layer, t.layer, k, torch.ones(k.shape[0]), torch.ones(k.shape[0], dtype=torch.bool))
+            finish(output)
+
+        return [t.module.register_forward_hook(dense_hook)]
+
+    def experts_pre_hook(module, args, kwargs):
+        x, idx, w = expert_call_args(args, kwargs)  # [T, d], [T, k], [T, k]
+        xs, w_s = reader.at_subject(x), reader.at_subject(w)  # [P, d], [P, k]
+        idx_s = reader.at_subject(idx).long()  # [P, k]
+        for e in torch.unique(idx_s).tolist():
+            if not 0 <= e < t.num_experts:  # expert-parallel sentinels
+                continue
+            hit = idx_s == e  # [P, k]
+            sel = hit.any(1)  # [P] the prompts whose subject token is routed to e
+            gate = (w_s * hit).sum(1)[sel]  # [P_e]
+            keys = t.expert_inputs(e, xs[sel].to(x.dtype))  # [P_e, d_ff]
+            add_sel = sel.cpu()
+            reader.add(t.layer, expert_key(t.layer, e), keys, gate, add_sel)
+
+    def shared_hook(module, args, output):
+        reader.scratch["shared_keys"] = reader.at_subject(args[0])  # [P, d_ff_s]
+
+    def shared_gate_hook(module, args, output):
+        reader.scratch["shared_gate"] = torch.sigmoid(reader.at_subject(output)).reshape(-1)  # [P]
+
+    def block_hook(module, args, output):
+        if t.shared is not None:
+            k = reader.scratch.pop("shared_keys")
+            gate = reader.scratch.pop("shared_gate") if t.shared_gate else torch.ones(k.shape[0])
+            reader.add(t.layer, t.shared.layer, k, gate, torch.ones(k.shape[0], dtype=torch.bool))
+        finish(output)
+
+    handles = [t.experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)]
+    if t.shared is not None:
+        handles.append(t.shared.module.register_forward_hook(shared_hook))
+        if t.shared_gate:
+            handles.append(model.get_submodule(t.shared_gate).register_forward_hook(shared_gate_hook))
+    handles.append(t.block.register_forward_hook(block_hook))
+    return handles
+
+
+def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: torch.Tensor, U: torch.Tensor,
+                      cfg: UnlearnConfig, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The closed-form multiplier D  # [d, d] float64 of an expert narrower than the hidden size (d_in < d).
+
+    Fine-grained experts (OLMoE, Qwen3-MoE, DeepSeek: d_ff < d) have rank W ≤ d_in < d, so
+    B = W (KKT + λI) Wᵀ is singular and ``multiplier``'s Cholesky fails; yet the edited weight D W is unique
+    (two solutions of D B = A differ by a D₀ with D₀ W = 0). With M = λ_wK C + λ_fK K_f K_fᵀ + λ I
+    [d_in, d_in] (SPD), Y = P (λ_wV X + λ_fV (V_f + R) K_fᵀ + λ W) [d, d_in], B = W M Wᵀ and A = Y Wᵀ, the
+    minimum-norm solution is D = A Q (Qᵀ B Q)⁻¹ Qᵀ for Q [d, r] an orthonormal basis of range(W): it solves
+    D B = A (Aᵀ's columns lie in range(W)) and is 0 on range(W)^⊥. For W of full column rank it gives
+    D W = Y M⁻¹, the weighted least-squares weight itself: the multiplicative form loses nothing there.
+    Dense float64: d_in < d keeps every matrix small.
+    """
+    d, d_in = W.shape
+    dev = W.device
+    Wd = W.detach().to(torch.float64)  # [d, d_in]
+    K = K_f.to(dev, torch.float64)  # [d_in, N]
+    b = bias.detach().to(dev, torch.float64) if bias is not None else None
+    C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
+    X = stats.cross_moment(Wd, b, cfg.centered_cross_moment)  # [d, d_in]
+    V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
+    lam = cfg.regularization_lam
+    M = (cfg.mom2_update_weight_wk * C + cfg.forget_weight_fk * (K @ K.t())
+         + lam * torch.eye(d_in, dtype=torch.float64, device=dev))  # [d_in, d_in]
+    Y = Projector(U.to(dev, torch.float64), cfg.projector_eps).apply(
+        cfg.mom2_update_weight_wv * X + cfg.forget_weight_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
+    Q, S, _ = torch.linalg.svd(Wd, full_matrices=False)  # Q [d, min(d, d_in)]
+    Q = Q[:, S > S[0] * max(d, d_in) * torch.finfo(torch.float64).eps]  # [d, r] range(W)
+    WtQ = Wd.t() @ Q  # [d_in, r]
+    Bq = WtQ.t() @ M @ WtQ  # Qᵀ B Q   [r, r]
+    Aq = Y @ WtQ  # A Q   [d, r]
+    Dq = _solve(Aq, 0.5 * (Bq + Bq.t()), stats.layer)  # A Q (Qᵀ B Q)⁻¹   [d, r]
+    return Dq @ Q.t()  # [d, d]
+
+
+@dataclass
+class ComponentProblem:
+    """One component's edit problem in the dense solvers' form (weights folded into the columns)."""
+
+    key: int
+    target: EditTarget
+    K: torch.Tensor  # [d_in, n_c] forget keys · √ω
+    R: torch.Tensor  # [d, n_c] residual / G · √ω (+ (√ω − 1) b in the closed form)
+    weight: float  # π_c: the corpus term's weight (1 for a dense layer)
+    rows: torch.Tensor  # [n_c] the requests routed to this component
+    mass: torch.Tensor  # [n_c] ω of those requests
+
+
+def layer_problems(t: EditTarget | MoETarget, rd: LayerReadings, resid: torch.Tensor, stats: CorpusStats,
+                   *, bias_in_r: bool) -> list[ComponentProblem]:
+    """The per-component problems of one layer (module docstring), for the components the forget set touches.
+
+    resid  [N, d]  the layer's residual r_i (already divided by the number of remaining layers)
+    bias_in_r      fold (√ω − 1) b into R (the closed form; GD compares ΔW K with R, where b cancels)
+    """
+    keys = [k for k, _ in components(t)]
+    G = sum(rd.mass[k] for k in keys if k in rd.mass)  # [N] total gate mass of the layer per request
+    gate_mass = stats[t.layer].ks.double() / max(stats[t.layer].n, 1) if isinstance(t, MoETarget) else None  # π
+    out = []
+    for c, (key, target) in enumerate(components(t)):
+        if key not in rd.mass or not bool((rd.mass[key] > 0).any()):
+            continue  # not touched by the forget set: its weights are never written
+        rows = (rd.mass[key] > 0).nonzero().flatten()
+        omega = rd.mass[key][rows]  # [n_c]
+        s = omega.sqrt().to(target.device)  # [n_c]
+        K = (rd.keys(key)[rows].to(target.device) * s[:, None]).t()  # [d_in, n_c]
+        R = (resid[rows].to(target.device) / G[rows].to(target.device)[:, None] * s[:, None]).t()  # [d, n_c]
+        b = target.bias
+        if bias_in_r and b is not None:
+            R = R + b.detach().float().to(target.device)[:, None] * (s - 1.0)[None, :]
+        st = stats[key]
+        if st.n < 2:
+            raise ZuFastError(
+                f"{describe_key(key)}: the forget set is routed to this expert ({len(rows)} of the requests), but "
+                f"the corpus statistics saw it on {st.n} tokens; collect statistics on a larger corpus")
+        weight = float(gate_mass[c]) if gate_mass is not None else 1.0
+        out.append(ComponentProblem(key, target, K, R, weight, rows, omega))
+    return out
+
+
+def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, stats: CorpusStats,
+                targets: Sequence[EditTarget | MoETarget], *,
+                context_templates: list[list[str]] | None = None) -> Edit:
+    """``unlearn`` for configs whose layers include mixture-of-experts blocks (called by ``unlearn`` after its
+    checks; the same phases, report and guarantees: on any error the weights are left exactly as they were)."""
+    from .unlearn import _Clock, _flag, _flag_unconverged, _gd_progress, _rel_change_bound  # one implementation
+
+    for t in targets:
+        for key in ([t.layer] + [k for k, _ in components(t)]):
+            stats[key]  # noqa: B018 - a clear error naming the layer if the statistics lack it
+        for key, c in components(t):
+            if stats[key].d_in != c.d_in:
+                raise ZuFastError(f"{describe_key(key)}: statistics have width {stats[key].d_in}, {c.name} takes "
+                                  f"{c.d_in}")
+    neutral = continuation_ids(tok, cfg.neutral_target)
+    true_ids = [continuation_ids(tok, r.target_true) for r in reqs]
+    gd_update = None
+    if cfg.method == "gd":
+        from .gd import gd_update
+
+    clock = _Clock({t.device for t in targets})
+    edit = Edit(cfg, kind="additive" if cfg.method == "gd" else "multiplicative")
+    # Every weight that may change is backed up now (which experts the forget set reaches at a layer is
+    # known only once the layers below it are edited); untouched ones are never written.
+    edit.bind(model, [c for t in targets for _, c in components(t)])
+    report = edit.report
+    report.n_requests = len(reqs)
+    m = len(targets)
+    try:
+        with clock.phase("templates"):
+            templates = context_templates or make_context_templates(model, tok, cfg)
+        with clock.phase("read_keys"):
+            readings = read_at_subject(model, tok, reqs, cfg, templates, targets)
+        with clock.phase("targets_z"):
+            z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
+                                    desc=f"z at layer {cfg.z_layer}")
+        z = z_res.target  # [N, d]
+        report.targets = {
+            "z_loss_initial": float(z_res.initial_loss.mean()),
+            "z_loss_final": float(z_res.final_loss.mean()),
+            "z_loss_final_max": float(z_res.final_loss.max()),
+            "z_steps_mean": float(z_res.steps.float().mean()),
+            "z_converged_frac": float((z_res.final_loss < cfg.v_early_stop_loss).float().mean()),
+        }
+        _flag_unconverged(report, reqs, z_res.final_loss, cfg)
+        h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
+        for j, t in enumerate(targets):
+            if j > 0:  # keys, routing and z-layer outputs after the earlier layers were edited
+                with clock.phase("read_keys"):
+                    readings = read_at_subject(model, tok, reqs, cfg, templates, targets[j:])
+            rd = readings.layers[t.layer]
+            with clock.phase("projectors"):
+                R_orig = rd.bare_value  # [N, d] the layer's clean MLP output
+                orig_info: dict[str, float] = {}
+                if cfg.original_representation == "optimized":
+                    res = optimize_deltas(model, tok, reqs, cfg, templates, t.layer, true_ids, at_module=True,
+                                          desc=f"original repr. layer {t.layer}")
+                    R_orig = res.target.to(R_orig.device)
+                    orig_info = {"orig_delta_rel": float((res.delta.norm(dim=1) / res.h_init.norm(dim=1)
+                                                          .clamp_min(1e-12)).mean()),
+                                 "orig_steps_mean": float(res.steps.float().mean())}
+                basis = representation_basis(R_orig.t().to(t.device), cfg.basis_rtol)  # [d, r]
+            h = readings.z_out.to(z.device)  # [N, d]
+            resid = ((z - h) / (m - j)).cpu()  # [N, d]
+            problems = layer_problems(t, rd, resid, stats, bias_in_r=gd_update is None)
+            for p in problems:
+                c = p.target
+                with clock.phase("solve"):
+                    if gd_update is not None:
+                        with _gd_progress(cfg, p.key) as trace:
+                            factor, info = gd_update(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg,
+                                                     bias=c.bias, trace=trace)
+                    else:
+                        lam = {"mom2_update_weight_wk": cfg.mom2_update_weight_wk * p.weight,
+                               "mom2_update_weight_wv": cfg.mom2_update_weight_wv * p.weight}
+                        solve = multiplier if c.d_in >= c.d else narrow_multiplier
+                        factor = solve(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg.replace(**lam),
+                                       bias=c.bias)
+                        info = {}
+                w_norm = float(c.weight.float().norm())
+                before = c.weight.float().clone() if c.weight.numel() <= 50_000_000 else None
+                with clock.phase("update"):
+                    edit.apply_factor(p.key, factor)
+                row = {"resid_norm_mean": float(resid.norm(dim=1).mean()), "basis_rank": float(basis.shape[1]),
+                       "requests": float(p.rows.numel()), "gate_mass_mean": float(p.mass.mean()),
+                       "corpus_weight": p.weight, **orig_info}
+                if edit.kind == "multiplicative":
+                    row["D_minus_I_fro"] = float(edit.factors[p.key].norm())
+                row["rel_weight_change"] = (float((c.weight.float() - before).norm() / max(w_norm, 1e-30))
+                                            if before is not None else _rel_change_bound(edit, p.key, w_norm))
+                row.update({k: float(v) for k, v in info.items()})
+                report.layers[p.key] = row
+                if row["rel_weight_change"] > cfg.max_rel_weight_change:
+                    _flag(report, "large_weight_change",
+                          f"{describe_key(p.key)}: the edit moved {c.name} by {row['rel_weight_change']:.3g} of its "
+                          f"norm (limit max_rel_weight_change={cfg.max_rel_weight_change:g}); check the requests and "
+                          "the statistics, or restore() the edit",
+                          layer=p.key, rel_weight_change=row["rel_weight_change"], limit=cfg.max_rel_weight_change)
+        with clock.phase("check"):
+            after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
+        gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
+        gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
+        report.targets["z_gap_closed"] = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
+        names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
+        for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
+            for k in names:
+                row.setdefault(k, math.nan)
+    except BaseException:
+        edit.restore()
+        raise
+    report.timings = {k: round(v, 4) for k, v in clock.timings.items()}
+    report.peak_memory_bytes = clock.peak()
+    return edit
+
+
+__all__ = ["ComponentProblem", "LayerReadings", "Readings", "components", "layer_problems", "narrow_multiplier",
+           "read_at_subject", "unlearn_moe", "SHARED"]
