@@ -31,6 +31,7 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -148,11 +149,18 @@ class _Recorder:
 
 def run_reference(refdir: Path, model, tok, texts, method: str, stats_mode: str = "clean") -> dict:
     """The reference's apply_unl(_gd)_to_model on a copy of ``model``; its intermediates per layer."""
+    work = Path(tempfile.mkdtemp(prefix="zu_ref_"))  # its data/ and statistics files; removed afterwards
+    try:
+        return _run_reference(work, refdir, model, tok, texts, method, stats_mode)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_reference(work: Path, refdir: Path, model, tok, texts, method: str, stats_mode: str) -> dict:
     _stand_in_datasets(texts)
     refdir = refdir.resolve()
     if str(refdir) not in sys.path:
         sys.path.insert(0, str(refdir))
-    work = Path(tempfile.mkdtemp(prefix="zu_ref_"))
     (work / "data" / "wikidata").mkdir(parents=True)
     (work / "globals.yml").write_text((refdir / "globals.yml").read_text())
     model = copy.deepcopy(model)

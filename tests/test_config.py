@@ -153,3 +153,21 @@ def test_json_roundtrip(tmp_path):
     cfg = UnlearnConfig(layers=[1, 2], neutral_target="I don't know.")
     cfg.save_json(tmp_path / "c.json")
     assert UnlearnConfig.from_json(tmp_path / "c.json") == cfg
+
+
+@pytest.mark.parametrize("mcfg", [_mcfg("llama", 6, zu_fast_model="zu-tiny-llama"), _mcfg("qwen2", 24)])
+def test_untuned_models_get_the_leverage_rule_and_gd_the_target_retry(mcfg):
+    gd = UnlearnConfig.for_model(mcfg, method="gd")
+    cf = UnlearnConfig.for_model(mcfg, method="closed_form")
+    assert gd.forget_leverage == cf.forget_leverage == 0.7
+    assert gd.target_retry_clamp == 2.0 and cf.target_retry_clamp is None  # GD only (RESULTS.md)
+    assert UnlearnConfig.for_model(mcfg, method="closed_form", target_retry_clamp=3.0).target_retry_clamp == 3.0
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_MODELS))
+def test_paper_presets_keep_the_reference_weights_and_single_target_run(name):
+    shape, _ = PAPER_MODELS[name]
+    for cfg in (UnlearnConfig.preset(name), UnlearnConfig.for_model(types.SimpleNamespace(**shape)),
+                UnlearnConfig.preset(name + "-gd")):
+        assert cfg.forget_leverage is None and cfg.target_retry_clamp is None
+    assert UnlearnConfig.preset(name).forget_weight_fk == 50.0

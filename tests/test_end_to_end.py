@@ -6,11 +6,13 @@ with the same preset but ``method="closed_form"``. Two kinds of test:
   bit-identical; for the preset also the model not wrecked (specificity within 10 points, PPL
   within 10%);
 - the issue's acceptance for the preset (Efficacy ≤ 10% from ≥ 90%, Generalization ≤ 30%,
-  specificity within 5 points, PPL within 10%) on records seed 0. The preset meets it on all 16
-  record seeds measured (0–15: Eff ≤ 10, Gen ≤ 25, Spe ≥ 96, PPL ≤ +1%; benchmarks/RESULTS.md).
-  Why not the closed form: at width 128 its multiplicative edit leaks 10–15% of each forgotten
-  person's change onto every other person, coherently (all targets are EOS), so forgetting and
-  specificity trade off far below the bar (RESULTS.md).
+  specificity within 5 points, PPL within 10%) on records seed 0. The preset meets it on 15 of 16
+  record seeds measured (0–15: Eff ≤ 10, Gen ≤ 20, Spe ≥ 94, PPL ≤ +1%; benchmarks/RESULTS.md).
+- the paper's bar for the closed form (Eff ≤ 10, Gen ≤ 30, Spe ≥ 0.75 × base — the retention the
+  paper reports on Llama-3.1-8B —, PPL ≤ 1.10 × base) on seed 0. With the paper's forget weights it
+  barely forgets here (Eff 90): at width 128 the corpus term lets it write a fifth of each residual;
+  the small model's preset raises the forget weights to a leverage of 0.7 (method/leverage.py;
+  benchmarks/RESULTS.md has the 16-seed table).
 """
 
 from __future__ import annotations
@@ -56,15 +58,18 @@ def test_edit_is_local_harmless_and_restorable(run):
     assert all(row["rel_weight_change"] > 1e-4 for row in run["edit"].report.layers.values())
     assert run["restored"]
     assert after["efficacy"] < before["efficacy"]  # it forgets something (the old world: nothing)
-    if cfg.method == "gd":  # the preset must not wreck the model; the closed form does here (module doc)
-        assert after["specificity"] >= before["specificity"] - 10
-        assert after["perplexity"] <= 1.10 * before["perplexity"]
+    assert after["perplexity"] <= 1.10 * before["perplexity"]  # neither method wrecks the model
+    keep = 10 if cfg.method == "gd" else 0.25 * before["specificity"]  # the closed form: the paper's retention
+    assert after["specificity"] >= before["specificity"] - keep
 
 
 @pytest.mark.slow
 def test_acceptance_forgets_ten_facts(run):
-    if run["cfg"].method != "gd":
-        pytest.skip("the acceptance is for the preset (GD); the closed form is far from it here (module doc)")
     before, after = run["before"], run["after"]
     assert before["efficacy"] >= 90
-    assert metrics.acceptance_failures(before, after) == []
+    if run["cfg"].method == "gd":
+        assert metrics.acceptance_failures(before, after) == []
+    else:  # the paper's bar (module doc)
+        assert after["efficacy"] <= 10 and after["generalization"] <= 30, after
+        assert after["specificity"] >= 0.75 * before["specificity"], after
+        assert after["perplexity"] <= 1.10 * before["perplexity"], after

@@ -272,3 +272,68 @@ def test_neutral_target_string_and_exact_form():
     edit = zu_fast.unlearn(model, tok, REQUESTS[:1], cfg, stats=stats, context_templates=TEMPLATES)
     assert edit.report.targets["z_loss_initial"] > 0
     edit.restore()
+
+
+def _flag_kinds(edit):
+    return {f["kind"] for f in edit.report.flags}
+
+
+def test_flags_warn_with_numbers_and_survive_save_load(tmp_path):
+    # 4 steps cannot reach EOS on a random model; a tiny limit makes every layer's move "large";
+    # paper weights on a 32-wide model realise little of the residual
+    model, tok, cfg, stats = _setup(max_rel_weight_change=1e-6, min_gap_closed=0.99, forget_leverage=None)
+    before = _weights(model)
+    with pytest.warns(UserWarning) as rec:
+        edit = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    text = " ".join(str(w.message) for w in rec)
+    assert {"target_not_converged", "large_weight_change", "target_not_reached"} <= _flag_kinds(edit)
+    assert "max_rel_weight_change=1e-06" in text and "min_gap_closed=0.99" in text and "leverage" in text
+    large = [f for f in edit.report.flags if f["kind"] == "large_weight_change"]
+    assert sorted(f["layer"] for f in large) == [1, 2] and all(f["rel_weight_change"] > 1e-6 for f in large)
+    for row in edit.report.layers.values():
+        assert 0.0 < row["leverage_mean"] < 1.0 and row["forget_weight_fk"] == cfg.forget_weight_fk
+    edit.save(tmp_path / "e")
+    assert _flag_kinds(Edit.load(tmp_path / "e")) == _flag_kinds(edit)
+    assert "target_not_reached" in str(edit.report)
+    edit.restore()
+    assert _same(model, before)
+
+
+def test_leverage_rule_raises_the_forget_weight_and_closes_more_of_the_gap():
+    model, tok, cfg, stats = _setup(v_num_grad_steps=10, forget_leverage=None)  # the paper's weights as set
+    plain = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
+    gap_plain = plain.report.targets["z_gap_closed"]
+    plain.restore()
+    ruled = zu_fast.unlearn(model, tok, REQUESTS, cfg.replace(forget_leverage=0.9), stats=stats,
+                            context_templates=TEMPLATES)
+    rows = ruled.report.layers.values()
+    assert all(r["leverage_mean"] == pytest.approx(0.9, abs=1e-6) for r in rows)
+    assert all(r["forget_weight_fk"] > cfg.forget_weight_fk for r in rows)
+    assert ruled.report.targets["z_gap_closed"] > gap_plain
+    ruled.restore()
+
+
+def test_unreached_targets_are_retried_with_a_wider_clamp_only_for_those_rows():
+    from zu_fast.method.targets import retry_unreached
+
+    # a tight ball (the loss stays high) and, on this random model, a retry that may or may not help
+    model, tok, cfg, _ = _setup(v_num_grad_steps=6, clamp_norm_factor=0.05, v_weight_decay=0.0, kl_factor=0.0)
+    reqs = normalize_requests(REQUESTS)
+    eos = [continuation_ids(tok, None)] * len(reqs)
+    first = optimize_deltas(model, tok, reqs, cfg, TEMPLATES, 2, eos, progress=False)
+    warn = float(first.final_loss.median())  # half the rows count as "not reached"
+    cfg = cfg.replace(target_warn_loss=warn, target_retry_clamp=20.0)
+    res, retried, improved = retry_unreached(model, tok, reqs, cfg, TEMPLATES, 2, eos, first)
+    bad = first.final_loss > warn
+    assert retried == int(bad.sum()) >= 1 and improved >= 1, (retried, improved)
+    assert torch.equal(res.delta[~bad], first.delta[~bad]) and torch.equal(res.final_loss[~bad], first.final_loss[~bad])
+    assert (res.final_loss[bad] <= first.final_loss[bad]).all()  # a retry is kept only when it ends lower
+    assert improved == int((res.final_loss < first.final_loss).sum())
+    kept = bad & (res.final_loss < first.final_loss)
+    assert torch.equal(res.delta[bad & ~kept], first.delta[bad & ~kept])
+    assert (res.delta[kept].norm(dim=1) > 0.05 * res.h_init[kept].norm(dim=1) * 1.01).all()  # outside the old ball
+    assert (res.steps[bad] > first.steps[bad]).all()
+    off = cfg.replace(target_retry_clamp=None)
+    assert retry_unreached(model, tok, reqs, off, TEMPLATES, 2, eos, first)[1:] == (0, 0)
+    with pytest.raises(ZuFastError, match="target_retry_clamp"):
+        cfg.replace(target_retry_clamp=1.0)

@@ -25,6 +25,7 @@ import torch
 from ..config import UnlearnConfig
 from ..errors import ZuFastError
 from ..stats.moments import LayerStats
+from .leverage import forget_weight_for, leverage_spectrum, request_leverage
 from .projector import Projector
 
 # --------------------------------------------------------------------------- products ------
@@ -163,6 +164,7 @@ def multiplier(
     bias: torch.Tensor | None = None,
     form: str | None = None,
     precision: str = "auto",
+    info: dict | None = None,
 ) -> torch.Tensor:
     """The multiplier D  # [d, d] float64 of one layer: the edit is W ← D W.
 
@@ -172,6 +174,8 @@ def multiplier(
     R    [d, N]     residuals r_i (already divided by the number of remaining layers)
     U    [d, r]     orthonormal basis of the original representations (P = (1+ε)I − UUᵀ)
     form            "fast" (default: config.closed_form) or "exact" (dense, for verification)
+    info            when given, filled with the forget weights used and the requests' leverage (the
+                    fraction of each residual the edit realises, method/leverage.py)
     """
     cfg = config or UnlearnConfig(layers=[stats.layer])
     form = form or cfg.closed_form
@@ -193,12 +197,17 @@ def multiplier(
         C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
         X = stats.cross_moment(Wd, b, cfg.centered_cross_moment)  # [d, d_in]
         V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
-        KKT = cfg.mom2_update_weight_wk * C + cfg.forget_weight_fk * (K @ K.t())
-        VKT = cfg.mom2_update_weight_wv * X + cfg.forget_weight_fv * ((V + Rd) @ K.t())
         eye = torch.eye(d_in, dtype=torch.float64, device=dev)
+        WK = Wd @ K  # [d, N]
+        B0 = Wd @ (cfg.mom2_update_weight_wk * C + lam * eye) @ Wd.t()  # [d, d]
+        lam_fk, lam_fv = _forget_weights(B0, WK, cfg)
+        KKT = cfg.mom2_update_weight_wk * C + lam_fk * (K @ K.t())
+        VKT = cfg.mom2_update_weight_wv * X + lam_fv * ((V + Rd) @ K.t())
         B = Wd @ (KKT + lam * eye) @ Wd.t()
         A = P.dense() @ (VKT + lam * Wd) @ Wd.t()
-        return _solve(A, B, stats.layer)
+        D = _solve(A, B, stats.layer)
+        _report(info, B, WK, lam_fk, lam_fv)
+        return D
     if form != "fast":
         raise ZuFastError(f"unknown closed form {form!r}; choose 'fast' or 'exact'")
 
@@ -213,10 +222,36 @@ def multiplier(
         XWt = (n / (n - 1)) * (G - Wmu @ Wmu.t())
     else:
         XWt = (n / (n - 1)) * (G + (b[:, None] @ Wmu.t() if b is not None else 0.0))
-    B = cfg.mom2_update_weight_wk * G + cfg.forget_weight_fk * (WK @ WK.t()) + lam * WWt
-    Y = cfg.mom2_update_weight_wv * XWt + cfg.forget_weight_fv * ((V + Rd) @ WK.t()) + lam * WWt
-    B = 0.5 * (B + B.t())  # exact symmetry for Cholesky (chunked sums may differ in the last bit)
-    return _solve(P.apply(Y), B, stats.layer)
+    B0 = cfg.mom2_update_weight_wk * G + lam * WWt  # corpus + regulariser part of B   [d, d]
+    B0 = 0.5 * (B0 + B0.t())  # exact symmetry for Cholesky (chunked sums may differ in the last bit)
+    lam_fk, lam_fv = _forget_weights(B0, WK, cfg)
+    B = B0 + lam_fk * (WK @ WK.t())
+    Y = cfg.mom2_update_weight_wv * XWt + lam_fv * ((V + Rd) @ WK.t()) + lam * WWt
+    D = _solve(P.apply(Y), B, stats.layer)
+    _report(info, B, WK, lam_fk, lam_fv)
+    if info is not None:  # how much the layer's outputs move on the corpus: E‖(D−I)Wk‖² / E‖Wk‖²
+        E = D - torch.eye(d, dtype=D.dtype, device=dev)
+        info["corpus_output_change"] = float(((E @ G) * E).sum().clamp_min(0) / torch.trace(G).clamp_min(1e-300)) ** 0.5
+    return D
+
+
+def _forget_weights(B0: torch.Tensor, WK: torch.Tensor, cfg: UnlearnConfig) -> tuple[float, float]:
+    """(λ_fK, λ_fV): the configured ones, or raised together (same ratio) to reach cfg.forget_leverage."""
+    lam_fk, lam_fv = float(cfg.forget_weight_fk), float(cfg.forget_weight_fv)
+    target = getattr(cfg, "forget_leverage", None)
+    if target is None:
+        return lam_fk, lam_fv
+    start = lam_fk if lam_fk > 0 else 1.0
+    new = forget_weight_for(leverage_spectrum(B0, WK), float(target), start)
+    return new, (lam_fv * new / lam_fk if lam_fk > 0 else new)
+
+
+def _report(info: dict | None, B: torch.Tensor, WK: torch.Tensor, lam_fk: float, lam_fv: float) -> None:
+    if info is None:
+        return
+    lev = request_leverage(B, WK, lam_fk)  # [N]
+    info.update({"forget_weight_fk": lam_fk, "forget_weight_fv": lam_fv,
+                 "leverage_mean": float(lev.mean()), "leverage_min": float(lev.min())})
 
 
 def _measured_xwt(W: torch.Tensor, stats: LayerStats, cfg: UnlearnConfig) -> torch.Tensor:

@@ -40,9 +40,9 @@ from ..requests import UnlearnRequest
 from ..stats.collect import CorpusStats
 from ..stats.moe import expert_call_args
 from ..stats.moments import LayerStats
-from .closed_form import _solve, multiplier
+from .closed_form import _forget_weights, _report, _solve, multiplier
 from .projector import Projector, representation_basis
-from .targets import optimize_deltas
+from .targets import optimize_deltas, retry_unreached
 from .templates import context_templates as make_context_templates
 
 
@@ -222,7 +222,8 @@ def _reading_hooks(model, t: EditTarget | MoETarget, reader: _BatchReader, stop:
 
 
 def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: torch.Tensor, U: torch.Tensor,
-                      cfg: UnlearnConfig, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+                      cfg: UnlearnConfig, *, bias: torch.Tensor | None = None,
+                      info: dict | None = None) -> torch.Tensor:
     """The closed-form multiplier D  # [d, d] float64 of an expert narrower than the hidden size (d_in < d).
 
     Fine-grained experts (OLMoE, Qwen3-MoE, DeepSeek: d_ff < d) have rank W ≤ d_in < d, so
@@ -243,16 +244,21 @@ def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: 
     X = stats.cross_moment(Wd, b, cfg.centered_cross_moment)  # [d, d_in]
     V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
     lam = cfg.regularization_lam
-    M = (cfg.mom2_update_weight_wk * C + cfg.forget_weight_fk * (K @ K.t())
-         + lam * torch.eye(d_in, dtype=torch.float64, device=dev))  # [d_in, d_in]
-    Y = Projector(U.to(dev, torch.float64), cfg.projector_eps).apply(
-        cfg.mom2_update_weight_wv * X + cfg.forget_weight_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
     Q, S, _ = torch.linalg.svd(Wd, full_matrices=False)  # Q [d, min(d, d_in)]
     Q = Q[:, S > S[0] * max(d, d_in) * torch.finfo(torch.float64).eps]  # [d, r] range(W)
     WtQ = Wd.t() @ Q  # [d_in, r]
+    M0 = cfg.mom2_update_weight_wk * C + lam * torch.eye(d_in, dtype=torch.float64, device=dev)  # [d_in, d_in]
+    Bq0 = WtQ.t() @ M0 @ WtQ  # Qᵀ B₀ Q   [r, r]
+    Vq = WtQ.t() @ K  # Qᵀ W K_f   [r, N]
+    lam_fk, lam_fv = _forget_weights(0.5 * (Bq0 + Bq0.t()), Vq, cfg)
+    M = M0 + lam_fk * (K @ K.t())  # [d_in, d_in]
+    Y = Projector(U.to(dev, torch.float64), cfg.projector_eps).apply(
+        cfg.mom2_update_weight_wv * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
     Bq = WtQ.t() @ M @ WtQ  # Qᵀ B Q   [r, r]
     Aq = Y @ WtQ  # A Q   [d, r]
-    Dq = _solve(Aq, 0.5 * (Bq + Bq.t()), stats.layer)  # A Q (Qᵀ B Q)⁻¹   [d, r]
+    Bq = 0.5 * (Bq + Bq.t())
+    Dq = _solve(Aq, Bq, stats.layer)  # A Q (Qᵀ B Q)⁻¹   [d, r]
+    _report(info, Bq, Vq, lam_fk, lam_fv)
     return Dq @ Q.t()  # [d, d]
 
 
@@ -306,7 +312,14 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
                 context_templates: list[list[str]] | None = None) -> Edit:
     """``unlearn`` for configs whose layers include mixture-of-experts blocks (called by ``unlearn`` after its
     checks; the same phases, report and guarantees: on any error the weights are left exactly as they were)."""
-    from .unlearn import _Clock, _flag, _flag_unconverged, _gd_progress, _rel_change_bound  # one implementation
+    from .unlearn import (  # one implementation
+        _check_gap,
+        _Clock,
+        _flag,
+        _flag_unconverged,
+        _gd_progress,
+        _rel_change_bound,
+    )
 
     for t in targets:
         for key in ([t.layer] + [k for k, _ in components(t)]):
@@ -337,8 +350,12 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
         with clock.phase("targets_z"):
             z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
                                     desc=f"z at layer {cfg.z_layer}")
+            z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer,
+                                                       [neutral] * len(reqs), z_res, desc=f"z at layer {cfg.z_layer}")
         z = z_res.target  # [N, d]
         report.targets = {
+            "z_retried": float(retried),
+            "z_retry_improved": float(improved),
             "z_loss_initial": float(z_res.initial_loss.mean()),
             "z_loss_final": float(z_res.final_loss.mean()),
             "z_loss_final_max": float(z_res.final_loss.max()),
@@ -377,9 +394,9 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
                         lam = {"mom2_update_weight_wk": cfg.mom2_update_weight_wk * p.weight,
                                "mom2_update_weight_wv": cfg.mom2_update_weight_wv * p.weight}
                         solve = multiplier if c.d_in >= c.d else narrow_multiplier
-                        factor = solve(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg.replace(**lam),
-                                       bias=c.bias)
                         info = {}
+                        factor = solve(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg.replace(**lam),
+                                       bias=c.bias, info=info)
                 w_norm = float(c.weight.float().norm())
                 before = c.weight.float().clone() if c.weight.numel() <= 50_000_000 else None
                 with clock.phase("update"):
@@ -403,7 +420,7 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
             after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
         gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
         gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
-        report.targets["z_gap_closed"] = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
+        _check_gap(report, gap0, gap1, cfg)
         names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
         for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
             for k in names:

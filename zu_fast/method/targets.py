@@ -449,3 +449,40 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
     if init_loss is None:
         raise ZuFastError("the target optimisation ran no step (v_num_grad_steps must be ≥ 1)")
     return DeltaResult(delta.detach(), h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu())
+
+
+def retry_unreached(
+    model,
+    tok,
+    requests: Sequence[UnlearnRequest],
+    cfg: UnlearnConfig,
+    templates: Sequence[Sequence[str]],
+    layer: int,
+    target_ids: Sequence[Sequence[int]],
+    res: DeltaResult,
+    *,
+    desc: str = "targets",
+) -> tuple[DeltaResult, int, int]:
+    """Give the requests whose target loss stayed above ``cfg.target_warn_loss`` a second optimisation, from
+    scratch, with the clamp radius widened ``cfg.target_retry_clamp`` times and twice the steps; keep a row's
+    retry when its loss is lower. Returns (result, retried, improved).
+
+    Why: on the small models a few subjects' neutral target lies outside the ball ‖δ‖ ≤ clamp·‖h‖ (their
+    loss stalls at 4–7 while the rest reach 0.05), and those are most of what the edit fails to forget
+    (benchmarks/RESULTS.md); widening the ball for those rows only leaves every other row as it was.
+    """
+    factor = cfg.target_retry_clamp
+    bad = (res.final_loss > cfg.target_warn_loss).nonzero().flatten().tolist()
+    if not factor or factor <= 1.0 or not bad:
+        return res, 0, 0
+    wide = cfg.replace(clamp_norm_factor=cfg.clamp_norm_factor * factor, v_num_grad_steps=2 * cfg.v_num_grad_steps)
+    again = optimize_deltas(model, tok, [requests[i] for i in bad], wide, templates, layer,
+                            [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)")
+    delta, final, steps = res.delta.clone(), res.final_loss.clone(), res.steps.clone()
+    improved = 0
+    for j, i in enumerate(bad):
+        steps[i] += again.steps[j]
+        if again.final_loss[j] < final[i]:
+            delta[i], final[i] = again.delta[j].to(delta.device), again.final_loss[j]
+            improved += 1
+    return DeltaResult(delta, res.h_init, res.initial_loss, final, steps), len(bad), improved

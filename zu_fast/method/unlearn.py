@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -21,7 +23,7 @@ from ..stats.store import check_stats_for_model
 from .closed_form import multiplier
 from .keys import read_at_subject
 from .projector import representation_basis
-from .targets import optimize_deltas
+from .targets import optimize_deltas, retry_unreached
 from .templates import context_templates as make_context_templates
 
 
@@ -54,7 +56,16 @@ class _Clock:
 def _flag(report, kind: str, message: str, **numbers: Any) -> None:
     """Record a problem in ``report.flags`` and say it now (a warning carrying the numbers)."""
     report.flags.append({"kind": kind, "message": message, **numbers})
-    warnings.warn(f"zu_fast: {message}", stacklevel=3)
+    warnings.warn(f"zu_fast: {message}", stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """warnings.warn's stacklevel of the first frame outside the zu_fast package (the user's call)."""
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.Tensor, cfg: UnlearnConfig) -> None:
@@ -70,6 +81,24 @@ def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.
           "(more v_num_grad_steps, a larger clamp_norm_factor or another neutral_target can help)",
           requests=[reqs[i].case_id for i in bad], losses=[float(final_loss[i]) for i in bad],
           limit=cfg.target_warn_loss)
+
+
+def _check_gap(report, gap0: torch.Tensor, gap1: torch.Tensor, cfg: UnlearnConfig) -> None:
+    """Record how much of the way to z the edit took the z layer's output; flag it when too little.
+
+    gap0, gap1  # [N]: ‖z − h‖ before and after the edit at the last edited layer's output.
+    """
+    closed = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
+    report.targets["z_gap_closed"] = closed
+    if closed >= cfg.min_gap_closed:
+        return
+    lev = [row["leverage_mean"] for row in report.layers.values() if "leverage_mean" in row]
+    why = (f"; the closed form realised {min(lev):.0%}–{max(lev):.0%} of the residual per layer against the corpus "
+           "term (raise forget_leverage, e.g. 0.7, or the forget weights)" if lev else "")
+    _flag(report, "target_not_reached",
+          f"the edit moved the z layer's output only {closed:.0%} of the way to the targets (limit "
+          f"min_gap_closed={cfg.min_gap_closed:g}){why}; the requests may not be forgotten",
+          z_gap_closed=closed, limit=cfg.min_gap_closed)
 
 
 def _rel_change_bound(edit: Edit, layer: int, w_norm: float) -> float:
@@ -208,8 +237,12 @@ def unlearn(
         with clock.phase("targets_z"):
             z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
                                     desc=f"z at layer {cfg.z_layer}")
+            z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer,
+                                                       [neutral] * len(reqs), z_res, desc=f"z at layer {cfg.z_layer}")
         z = z_res.target  # [N, d]
         report.targets = {
+            "z_retried": float(retried),
+            "z_retry_improved": float(improved),
             "z_loss_initial": float(z_res.initial_loss.mean()),
             "z_loss_final": float(z_res.final_loss.mean()),
             "z_loss_final_max": float(z_res.final_loss.max()),
@@ -245,8 +278,8 @@ def unlearn(
                         factor, info = gd_update(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias,
                                                  trace=trace)
                 else:
-                    factor = multiplier(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias)
                     info = {}
+                    factor = multiplier(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias, info=info)
             w_norm = float(t.weight.float().norm())
             before = t.weight.float().clone() if t.weight.numel() <= 50_000_000 else None
             with clock.phase("update"):
@@ -272,7 +305,7 @@ def unlearn(
             after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
         gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
         gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
-        report.targets["z_gap_closed"] = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
+        _check_gap(report, gap0, gap1, cfg)
     except BaseException:
         edit.restore()
         raise
