@@ -42,7 +42,7 @@ from ..stats.moe import expert_call_args
 from ..stats.moments import LayerStats
 from .closed_form import _forget_weights, _report, _solve, multiplier
 from .projector import Projector, representation_basis
-from .targets import optimize_deltas, retry_unreached
+from .targets import optimize_deltas
 from .templates import context_templates as make_context_templates
 
 
@@ -316,9 +316,9 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
         _check_gap,
         _Clock,
         _flag,
-        _flag_unconverged,
         _gd_progress,
         _rel_change_bound,
+        z_targets,
     )
 
     for t in targets:
@@ -348,21 +348,7 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
         with clock.phase("read_keys"):
             readings = read_at_subject(model, tok, reqs, cfg, templates, targets)
         with clock.phase("targets_z"):
-            z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
-                                    desc=f"z at layer {cfg.z_layer}")
-            z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer,
-                                                       [neutral] * len(reqs), z_res, desc=f"z at layer {cfg.z_layer}")
-        z = z_res.target  # [N, d]
-        report.targets = {
-            "z_retried": float(retried),
-            "z_retry_improved": float(improved),
-            "z_loss_initial": float(z_res.initial_loss.mean()),
-            "z_loss_final": float(z_res.final_loss.mean()),
-            "z_loss_final_max": float(z_res.final_loss.max()),
-            "z_steps_mean": float(z_res.steps.float().mean()),
-            "z_converged_frac": float((z_res.final_loss < cfg.v_early_stop_loss).float().mean()),
-        }
-        _flag_unconverged(report, reqs, z_res.final_loss, cfg)
+            z = z_targets(model, tok, reqs, cfg, templates, neutral, report)  # [N, d]
         h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
         for j, t in enumerate(targets):
             if j > 0:  # keys, routing and z-layer outputs after the earlier layers were edited

@@ -83,6 +83,27 @@ def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.
           limit=cfg.target_warn_loss)
 
 
+def z_targets(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, templates, neutral: Sequence[int],
+              report) -> torch.Tensor:
+    """Step 2: the target hidden states z  # [N, d] at the z layer (with the retry of unreached rows);
+    records the optimisation's numbers in ``report.targets`` and flags the requests that did not converge."""
+    z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
+                            desc=f"z at layer {cfg.z_layer}")
+    z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
+                                               z_res, desc=f"z at layer {cfg.z_layer}")
+    report.targets = {
+        "z_retried": float(retried),
+        "z_retry_improved": float(improved),
+        "z_loss_initial": float(z_res.initial_loss.mean()),
+        "z_loss_final": float(z_res.final_loss.mean()),
+        "z_loss_final_max": float(z_res.final_loss.max()),
+        "z_steps_mean": float(z_res.steps.float().mean()),
+        "z_converged_frac": float((z_res.final_loss < cfg.v_early_stop_loss).float().mean()),
+    }
+    _flag_unconverged(report, reqs, z_res.final_loss, cfg)
+    return z_res.target
+
+
 def _check_gap(report, gap0: torch.Tensor, gap1: torch.Tensor, cfg: UnlearnConfig) -> None:
     """Record how much of the way to z the edit took the z layer's output; flag it when too little.
 
@@ -235,21 +256,7 @@ def unlearn(
         with clock.phase("read_keys"):
             readings = read_at_subject(model, tok, reqs, cfg, templates, targets)
         with clock.phase("targets_z"):
-            z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
-                                    desc=f"z at layer {cfg.z_layer}")
-            z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer,
-                                                       [neutral] * len(reqs), z_res, desc=f"z at layer {cfg.z_layer}")
-        z = z_res.target  # [N, d]
-        report.targets = {
-            "z_retried": float(retried),
-            "z_retry_improved": float(improved),
-            "z_loss_initial": float(z_res.initial_loss.mean()),
-            "z_loss_final": float(z_res.final_loss.mean()),
-            "z_loss_final_max": float(z_res.final_loss.max()),
-            "z_steps_mean": float(z_res.steps.float().mean()),
-            "z_converged_frac": float((z_res.final_loss < cfg.v_early_stop_loss).float().mean()),
-        }
-        _flag_unconverged(report, reqs, z_res.final_loss, cfg)
+            z = z_targets(model, tok, reqs, cfg, templates, neutral, report)  # [N, d]
         h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
 
         for j, t in enumerate(targets):
