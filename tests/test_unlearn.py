@@ -287,7 +287,7 @@ def test_flags_warn_with_numbers_and_survive_save_load(tmp_path):
         edit = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats, context_templates=TEMPLATES)
     text = " ".join(str(w.message) for w in rec)
     assert {"target_not_converged", "large_weight_change", "target_not_reached"} <= _flag_kinds(edit)
-    assert "max_rel_weight_change=1e-06" in text and "min_gap_closed=0.99" in text and "leverage" in text
+    assert "max_rel_weight_change=1e-06" in text and "min_gap_closed=0.99" in text and "set forget_leverage" in text
     large = [f for f in edit.report.flags if f["kind"] == "large_weight_change"]
     assert sorted(f["layer"] for f in large) == [1, 2] and all(f["rel_weight_change"] > 1e-6 for f in large)
     for row in edit.report.layers.values():

@@ -114,8 +114,13 @@ def _check_gap(report, gap0: torch.Tensor, gap1: torch.Tensor, cfg: UnlearnConfi
     if closed >= cfg.min_gap_closed:
         return
     lev = [row["leverage_mean"] for row in report.layers.values() if "leverage_mean" in row]
-    why = (f"; the closed form realised {min(lev):.0%}–{max(lev):.0%} of the residual per layer against the corpus "
-           "term (raise forget_leverage, e.g. 0.7, or the forget weights)" if lev else "")
+    why = ""
+    if lev and cfg.forget_leverage is None:
+        why = (f"; the closed form realised {min(lev):.0%}–{max(lev):.0%} of the residual per layer against the "
+               "corpus term (set forget_leverage, e.g. 0.7, or raise the forget weights)")
+    elif lev:
+        why = (f"; at leverage {min(lev):.0%}–{max(lev):.0%} per layer the projector and the other requests take "
+               "the rest: too many requests for this model's width (method='gd' edits in the keys' null space)")
     _flag(report, "target_not_reached",
           f"the edit moved the z layer's output only {closed:.0%} of the way to the targets (limit "
           f"min_gap_closed={cfg.min_gap_closed:g}){why}; the requests may not be forgotten",
