@@ -78,7 +78,8 @@ def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.
     _flag(report, "target_not_converged",
           f"the target optimisation did not reach the neutral target for {len(bad)} of {len(reqs)} requests "
           f"(final loss > target_warn_loss={cfg.target_warn_loss:g}): {shown}{more}; those may not be forgotten "
-          "(more v_num_grad_steps, a larger clamp_norm_factor or another neutral_target can help)",
+          "(more v_num_grad_steps, a larger clamp_norm_factor or target_retry_clamp, or another neutral_target can "
+          "help)",
           requests=[reqs[i].case_id for i in bad], losses=[float(final_loss[i]) for i in bad],
           limit=cfg.target_warn_loss)
 
