@@ -117,3 +117,20 @@ def test_statistics_are_collected_from_a_corpus_once(setup, tmp_path, monkeypatc
     res.edit.restore()
     unl.forget(PROMPTS[:1], SUBJECTS[:1], ANSWERS[:1], evaluate=False).edit.restore()
     assert unl.stats is first
+
+
+def test_a_dropped_duplicate_drops_its_own_paraphrases_and_neighbours(setup):
+    model, tok, cfg, stats = setup
+    before_w = _state(model)
+    prompts = PROMPTS + ["{} was born in"]  # the third repeats the first as a template
+    with pytest.warns(UserWarning, match="1 duplicate request"):
+        res = zu_fast.Unlearner(model, tok, cfg, stats=stats).forget(
+            prompts=prompts, subjects=SUBJECTS + ["Alice Morvan"], answers=ANSWERS + ["Lisbon"],
+            paraphrases=PARAPHRASES + [["Alice Morvan's birthplace is"]],
+            neighbours=[[NEIGHBOURS[0]], [NEIGHBOURS[1]], [("Eve Ward was born in", "Rome")]], evaluate=False)
+    assert [r.subject for r in res.requests] == SUBJECTS
+    assert [rec["paraphrase_prompts"] for rec in res.records] == [PARAPHRASES[0], [PARAPHRASES[1]]]
+    assert [len(rec["neighborhood_prompts"]) for rec in res.records] == [1, 1]
+    assert "Eve Ward" not in str(res.records)
+    res.edit.restore()
+    assert all(torch.equal(v, before_w[k]) for k, v in model.state_dict().items())

@@ -141,7 +141,15 @@ class Unlearner:
 
     def requests(self, prompts: Any = None, subjects: Any = None, answers: Any = None, *,
                  ground_truth: Any = None, target_true: Any = None, requests: Any = None) -> list[UnlearnRequest]:
-        """The forget requests of a :meth:`forget` call (validated; see there for the arguments)."""
+        """The forget requests of a :meth:`forget` call (validated, duplicates dropped with a warning; see
+        there for the arguments)."""
+        return normalize_requests(self._given_requests(prompts, subjects, answers, ground_truth=ground_truth,
+                                                       target_true=target_true, requests=requests))
+
+    def _given_requests(self, prompts: Any = None, subjects: Any = None, answers: Any = None, *,
+                        ground_truth: Any = None, target_true: Any = None,
+                        requests: Any = None) -> list[UnlearnRequest]:
+        """One UnlearnRequest per request given, in order, before duplicates are dropped."""
         given = [(k, v) for k, v in (("answers", answers), ("ground_truth", ground_truth),
                                       ("target_true", target_true)) if v is not None]
         if len(given) > 1:
@@ -159,8 +167,8 @@ class Unlearner:
                     t = r.get("target_true")
                     t = t.get("str") if isinstance(t, Mapping) else t
                     r = UnlearnRequest.from_text(r["prompt"], r["subject"], t, case_id=r.get("case_id", i))
-                recs.append(r)
-            return normalize_requests(recs)
+                recs.append(UnlearnRequest.from_record(r, i))
+            return recs
         if prompts is None or subjects is None or answers is None:
             raise ZuFastError("forget needs prompts, subjects and answers (or ground_truth / target_true), "
                               "or requests=[...]")
@@ -178,7 +186,7 @@ class Unlearner:
                     out.append(UnlearnRequest.from_text(p, s, a, case_id=i))
                 except ZuFastError as e:
                     raise ZuFastError(f"prompts[{i}]: {e}") from None
-        return normalize_requests(out)
+        return out
 
     def forget(self, prompts: str | Sequence[str] | None = None, subjects: str | Sequence[str] | None = None,
                answers: str | Sequence[str] | None = None, *, ground_truth: str | Sequence[str] | None = None,
@@ -203,10 +211,14 @@ class Unlearner:
 
         if neighbours is not None and neighbors is not None:
             raise ZuFastError("give neighbours or neighbors, not both")
-        reqs = self.requests(prompts, subjects, answers, ground_truth=ground_truth, target_true=target_true,
-                             requests=requests)
-        paras = _paraphrase_lists(paraphrases, len(reqs))
-        neigh = _neighbour_lists(neighbours if neighbours is not None else neighbors, len(reqs))
+        given = self._given_requests(prompts, subjects, answers, ground_truth=ground_truth, target_true=target_true,
+                                     requests=requests)
+        # per-request paraphrase/neighbour lists follow the requests as given; a dropped duplicate drops its lists
+        paras = _paraphrase_lists(paraphrases, len(given))
+        neigh = _neighbour_lists(neighbours if neighbours is not None else neighbors, len(given))
+        reqs = normalize_requests(given)
+        where = {id(r): i for i, r in enumerate(given)}
+        paras, neigh = [paras[where[id(r)]] for r in reqs], [neigh[where[id(r)]] for r in reqs]
         records = [{"prompt": r.prompt, "subject": r.subject, "target_true": r.target_true, "case_id": r.case_id,
                     "paraphrase_prompts": p, "neighborhood_prompts": n} for r, p, n in zip(reqs, paras, neigh)]
         stats = self._get_stats()
