@@ -38,11 +38,10 @@ from ..model.hooks import StopForward, batch_shape_of, forward_until, unflatten_
 from ..model.locate import SHARED, EditTarget, MoETarget, describe_key, expert_key, get_module
 from ..requests import UnlearnRequest
 from ..stats.collect import CorpusStats
-from ..stats.moe import expert_call_args
+from ..stats.moe import expert_call_args, hook_block
 from ..stats.moments import LayerStats
 from .closed_form import _forget_weights, _report, _solve, multiplier
-from .projector import Projector, representation_basis
-from .targets import optimize_deltas
+from .projector import Projector
 from .templates import context_templates as make_context_templates
 
 
@@ -212,13 +211,7 @@ def _reading_hooks(model, t: EditTarget | MoETarget, reader: _BatchReader, stop:
             reader.add(t.layer, t.shared.layer, k, gate, torch.ones(k.shape[0], dtype=torch.bool))
         finish(output)
 
-    handles = [t.experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)]
-    if t.shared is not None:
-        handles.append(t.shared.module.register_forward_hook(shared_hook))
-        if t.shared_gate:
-            handles.append(model.get_submodule(t.shared_gate).register_forward_hook(shared_gate_hook))
-    handles.append(t.block.register_forward_hook(block_hook))
-    return handles
+    return hook_block(model, t, experts_pre_hook, shared_hook, shared_gate_hook, block_hook)
 
 
 def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: torch.Tensor, U: torch.Tensor,
@@ -313,11 +306,11 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
     """``unlearn`` for configs whose layers include mixture-of-experts blocks (called by ``unlearn`` after its
     checks; the same phases, report and guarantees: on any error the weights are left exactly as they were)."""
     from .unlearn import (  # one implementation
+        _apply_and_record,
         _check_gap,
         _Clock,
-        _flag,
         _gd_progress,
-        _rel_change_bound,
+        original_basis,
         z_targets,
     )
 
@@ -355,17 +348,9 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
                 with clock.phase("read_keys"):
                     readings = read_at_subject(model, tok, reqs, cfg, templates, targets[j:])
             rd = readings.layers[t.layer]
-            with clock.phase("projectors"):
-                R_orig = rd.bare_value  # [N, d] the layer's clean MLP output
-                orig_info: dict[str, float] = {}
-                if cfg.original_representation == "optimized":
-                    res = optimize_deltas(model, tok, reqs, cfg, templates, t.layer, true_ids, at_module=True,
-                                          desc=f"original repr. layer {t.layer}")
-                    R_orig = res.target.to(R_orig.device)
-                    orig_info = {"orig_delta_rel": float((res.delta.norm(dim=1) / res.h_init.norm(dim=1)
-                                                          .clamp_min(1e-12)).mean()),
-                                 "orig_steps_mean": float(res.steps.float().mean())}
-                basis = representation_basis(R_orig.t().to(t.device), cfg.basis_rtol)  # [d, r]
+            with clock.phase("projectors"):  # from the layer's clean MLP output
+                basis, orig_info = original_basis(model, tok, reqs, cfg, templates, t.layer, true_ids,
+                                                  rd.bare_value, t.device)  # [d, r]
             h = readings.z_out.to(z.device)  # [N, d]
             resid = ((z - h) / (m - j)).cpu()  # [N, d]
             problems = layer_problems(t, rd, resid, stats, bias_in_r=gd_update is None)
@@ -383,30 +368,13 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
                         info = {}
                         factor = solve(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg.replace(**lam),
                                        bias=c.bias, info=info)
-                w_norm = float(c.weight.float().norm())
-                before = c.weight.float().clone() if c.weight.numel() <= 50_000_000 else None
-                with clock.phase("update"):
-                    edit.apply_factor(p.key, factor)
                 row = {"resid_norm_mean": float(resid.norm(dim=1).mean()), "basis_rank": float(basis.shape[1]),
                        "requests": float(p.rows.numel()), "gate_mass_mean": float(p.mass.mean()),
                        "corpus_weight": p.weight, **orig_info}
-                if edit.kind == "multiplicative":
-                    row["D_minus_I_fro"] = float(edit.factors[p.key].norm())
-                row["rel_weight_change"] = (float((c.weight.float() - before).norm() / max(w_norm, 1e-30))
-                                            if before is not None else _rel_change_bound(edit, p.key, w_norm))
-                row.update({k: float(v) for k, v in info.items()})
-                report.layers[p.key] = row
-                if row["rel_weight_change"] > cfg.max_rel_weight_change:
-                    _flag(report, "large_weight_change",
-                          f"{describe_key(p.key)}: the edit moved {c.name} by {row['rel_weight_change']:.3g} of its "
-                          f"norm (limit max_rel_weight_change={cfg.max_rel_weight_change:g}); check the requests and "
-                          "the statistics, or restore() the edit",
-                          layer=p.key, rel_weight_change=row["rel_weight_change"], limit=cfg.max_rel_weight_change)
+                _apply_and_record(edit, report, clock, p.key, c, factor, row, info, cfg, describe_key(p.key))
         with clock.phase("check"):
             after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
-        gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
-        gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
-        _check_gap(report, gap0, gap1, cfg)
+        _check_gap(report, z, h0, after, cfg)
         names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
         for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
             for k in names:

@@ -105,11 +105,29 @@ def z_targets(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, te
     return z_res.target
 
 
-def _check_gap(report, gap0: torch.Tensor, gap1: torch.Tensor, cfg: UnlearnConfig) -> None:
+def original_basis(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, templates, layer: int,
+                   true_ids: Sequence[Sequence[int]], clean: torch.Tensor,
+                   device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    """Step 3 at ``layer``: the basis U  # [d, r] of the module outputs that yield the TRUE answers, and the
+    optimisation's numbers for the report. ``clean``  # [N, d]: the module's clean outputs, used as they are
+    (``original_representation="clean"``) or as the start of the optimisation with δ at the module output."""
+    R_orig, info = clean, {}
+    if cfg.original_representation == "optimized":
+        res = optimize_deltas(model, tok, reqs, cfg, templates, layer, true_ids, at_module=True,
+                              desc=f"original repr. layer {layer}")
+        R_orig = res.target.to(clean.device)
+        info = {"orig_delta_rel": float((res.delta.norm(dim=1) / res.h_init.norm(dim=1).clamp_min(1e-12)).mean()),
+                "orig_steps_mean": float(res.steps.float().mean())}
+    return representation_basis(R_orig.t().to(device), cfg.basis_rtol), info
+
+
+def _check_gap(report, z: torch.Tensor, h0: torch.Tensor, after: torch.Tensor, cfg: UnlearnConfig) -> None:
     """Record how much of the way to z the edit took the z layer's output; flag it when too little.
 
-    gap0, gap1  # [N]: ‖z − h‖ before and after the edit at the last edited layer's output.
+    z, h0, after  # [N, d]: the targets, and the z layer's output before and after the edit.
     """
+    gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
+    gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
     closed = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
     report.targets["z_gap_closed"] = closed
     if closed >= cfg.min_gap_closed:
@@ -126,6 +144,28 @@ def _check_gap(report, gap0: torch.Tensor, gap1: torch.Tensor, cfg: UnlearnConfi
           f"the edit moved the z layer's output only {closed:.0%} of the way to the targets (limit "
           f"min_gap_closed={cfg.min_gap_closed:g}){why}; the requests may not be forgotten",
           z_gap_closed=closed, limit=cfg.min_gap_closed)
+
+
+def _apply_and_record(edit: Edit, report, clock: _Clock, key: int, target: Any, factor: torch.Tensor, row: dict,
+                      info: Mapping[str, Any], cfg: UnlearnConfig, where: str) -> None:
+    """Apply one solved factor to ``target`` and record the layer's ``row`` in the report with the size of the
+    change (‖ΔW‖/‖W‖, and ‖D − I‖ for a multiplicative edit) and the solver's ``info``; flag a large change."""
+    w_norm = float(target.weight.float().norm())
+    before = target.weight.float().clone() if target.weight.numel() <= 50_000_000 else None
+    with clock.phase("update"):
+        edit.apply_factor(key, factor)
+    if edit.kind == "multiplicative":
+        row["D_minus_I_fro"] = float(edit.factors[key].norm())
+    row["rel_weight_change"] = (float((target.weight.float() - before).norm() / max(w_norm, 1e-30))
+                                if before is not None else _rel_change_bound(edit, key, w_norm))
+    row.update({k: float(v) for k, v in info.items()})
+    report.layers[key] = row
+    if row["rel_weight_change"] > cfg.max_rel_weight_change:
+        _flag(report, "large_weight_change",
+              f"{where}: the edit moved {target.name} by {row['rel_weight_change']:.3g} of its norm "
+              f"(limit max_rel_weight_change={cfg.max_rel_weight_change:g}); check the requests and the "
+              "statistics, or restore() the edit",
+              layer=key, rel_weight_change=row["rel_weight_change"], limit=cfg.max_rel_weight_change)
 
 
 def _rel_change_bound(edit: Edit, layer: int, w_norm: float) -> float:
@@ -272,16 +312,8 @@ def unlearn(
             # Step 3 at this layer, on the model with the earlier layers already edited (as the reference):
             # the module output that yields the TRUE answer, δ at the module's output.
             with clock.phase("projectors"):
-                R_orig = readings.bare_values[t.layer]  # [N, d] clean module output
-                orig_info = {}
-                if cfg.original_representation == "optimized":
-                    res = optimize_deltas(model, tok, reqs, cfg, templates, t.layer, true_ids, at_module=True,
-                                          desc=f"original repr. layer {t.layer}")
-                    R_orig = res.target.to(R_orig.device)
-                    orig_info = {"orig_delta_rel": float((res.delta.norm(dim=1) / res.h_init.norm(dim=1)
-                                                          .clamp_min(1e-12)).mean()),
-                                 "orig_steps_mean": float(res.steps.float().mean())}
-                basis = representation_basis(R_orig.t().to(t.device), cfg.basis_rtol)  # [d, r]
+                basis, orig_info = original_basis(model, tok, reqs, cfg, templates, t.layer, true_ids,
+                                                  readings.bare_values[t.layer], t.device)  # [d, r]
             K = readings.keys[t.layer].t()  # [d_in, N]
             h = readings.z_out.to(z.device)  # [N, d]
             resid = ((z - h) / (m - j)).t().to(t.device)  # [d, N]
@@ -293,32 +325,12 @@ def unlearn(
                 else:
                     info = {}
                     factor = multiplier(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias, info=info)
-            w_norm = float(t.weight.float().norm())
-            before = t.weight.float().clone() if t.weight.numel() <= 50_000_000 else None
-            with clock.phase("update"):
-                edit.apply_factor(t.layer, factor)
-            row = {
-                "resid_norm_mean": float(resid.norm(dim=0).mean()),
-                "basis_rank": float(basis.shape[1]),
-                **orig_info,
-            }
-            if edit.kind == "multiplicative":
-                row["D_minus_I_fro"] = float(edit.factors[t.layer].norm())
-            row["rel_weight_change"] = (float((t.weight.float() - before).norm() / max(w_norm, 1e-30))
-                                        if before is not None else _rel_change_bound(edit, t.layer, w_norm))
-            row.update({k: float(v) for k, v in info.items()})
-            report.layers[t.layer] = row
-            if row["rel_weight_change"] > cfg.max_rel_weight_change:
-                _flag(report, "large_weight_change",
-                      f"layer {t.layer}: the edit moved {t.name} by {row['rel_weight_change']:.3g} of its norm "
-                      f"(limit max_rel_weight_change={cfg.max_rel_weight_change:g}); check the requests and the "
-                      "statistics, or restore() the edit",
-                      layer=t.layer, rel_weight_change=row["rel_weight_change"], limit=cfg.max_rel_weight_change)
+            row = {"resid_norm_mean": float(resid.norm(dim=0).mean()), "basis_rank": float(basis.shape[1]),
+                   **orig_info}
+            _apply_and_record(edit, report, clock, t.layer, t, factor, row, info, cfg, f"layer {t.layer}")
         with clock.phase("check"):
             after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
-        gap0 = (z - h0).norm(dim=1)  # [N] how far z was from the clean output
-        gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
-        _check_gap(report, gap0, gap1, cfg)
+        _check_gap(report, z, h0, after, cfg)
     except BaseException:
         edit.restore()
         raise

@@ -69,6 +69,20 @@ def new_accumulators(t: MoETarget, measured: bool) -> dict[int, tuple[LayerStats
     return out
 
 
+def hook_block(model: torch.nn.Module, t: MoETarget, experts_pre_hook, shared_hook, shared_gate_hook,
+               block_hook) -> list:
+    """Register one MoE block's four hooks (the shared expert's two only where the block has one): before the
+    routed experts (with kwargs: their tokens and routing), on the shared expert and its gate, on the block's
+    output. Returns the handles. Shared by the statistics pass and the forget-set reader (method/moe.py)."""
+    handles = [t.experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)]
+    if t.shared is not None:
+        handles.append(t.shared.module.register_forward_hook(shared_hook))
+        if t.shared_gate:
+            handles.append(model.get_submodule(t.shared_gate).register_forward_hook(shared_gate_hook))
+    handles.append(t.block.register_forward_hook(block_hook))
+    return handles
+
+
 def register_hooks(model: torch.nn.Module, t: MoETarget, acc: dict[int, LayerStats],
                    counters: dict[int, torch.Tensor], current_mask: list, stop: bool, measured: bool) -> list:
     """Hooks that feed the accumulators of MoE layer ``t`` during a forward; ``current_mask[0]`` is the
@@ -117,13 +131,7 @@ def register_hooks(model: torch.nn.Module, t: MoETarget, acc: dict[int, LayerSta
         if stop:
             raise StopForward  # nothing above the deepest edited layer is needed
 
-    handles = [t.experts.register_forward_pre_hook(experts_pre_hook, with_kwargs=True)]
-    if t.shared is not None:
-        handles.append(t.shared.module.register_forward_hook(shared_hook))
-        if t.shared_gate:
-            handles.append(model.get_submodule(t.shared_gate).register_forward_hook(shared_gate_hook))
-    handles.append(t.block.register_forward_hook(block_hook))
-    return handles
+    return hook_block(model, t, experts_pre_hook, shared_hook, shared_gate_hook, block_hook)
 
 
 def check_component(st: LayerStats) -> None:
