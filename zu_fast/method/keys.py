@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +21,42 @@ class SubjectReadings:
     z_out: torch.Tensor | None  # [N, d] fp32, output of decoder layer z on the bare prompt
 
 
+@dataclass
+class PromptBatch:
+    """One batch of the forget set's prompts (every context template of every request, and each bare prompt)."""
+
+    batch: dict  # padded model inputs
+    pos: torch.Tensor  # [B] position of the subject's last token
+    req: torch.Tensor  # [B] the request each prompt belongs to
+    is_bare: torch.Tensor  # [B] bool: the bare prompt "{}" (values and z are read there)
+    weight: torch.Tensor  # [B] the prompt's weight in its request's two-level template average (0: extra bare)
+
+
+def subject_batches(tok, requests: Sequence[UnlearnRequest], templates: Sequence[Sequence[str]], batch_size: int,
+                    device) -> Iterator[PromptBatch]:
+    """The prompts every reading runs: each request in every context template (``templates`` grouped by type),
+    plus its bare prompt when no template is a bare "{}", in batches of ``batch_size``. A prompt's weight is
+    1/(types · templates of its type), so averaging keys is the reference's two-level mean over templates,
+    then types, and a type with many templates does not dominate."""
+    flat = [(g, t) for g, group in enumerate(templates) for t in group]
+    n_groups = len(templates)
+    group_size = [len(group) for group in templates]
+    bare_j = next((j for j, (_, t) in enumerate(flat) if t == "{}"), None)
+    prompts = [(i, j) for i in range(len(requests)) for j in range(len(flat))]
+    if bare_j is None:  # templates without a bare "{}": read it as an extra prompt (weight 0)
+        bare_j = len(flat)
+        prompts += [(i, bare_j) for i in range(len(requests))]
+    for b in range(0, len(prompts), batch_size):
+        chunk = prompts[b : b + batch_size]
+        tpls = [(flat[j][1] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in chunk]
+        ids, idx = subject_spans(tok, tpls, [requests[i].subject for i, _ in chunk],
+                                 [requests[i].describe() for i, _ in chunk])
+        yield PromptBatch(
+            padded_batch(tok, ids, device), torch.tensor(idx), torch.tensor([i for i, _ in chunk]),
+            torch.tensor([j == bare_j for _, j in chunk]),
+            torch.tensor([1.0 / (n_groups * group_size[flat[j][0]]) if j < len(flat) else 0.0 for _, j in chunk]))
+
+
 @torch.no_grad()
 def read_at_subject(
     model,
@@ -37,15 +73,6 @@ def read_at_subject(
     Keys are averaged over the templates of each context type, then over the types (the
     reference's two-level average), so a type with many templates does not dominate.
     """
-    device = model_device(model)
-    flat = [(g, t) for g, group in enumerate(templates) for t in group]
-    n_groups = len(templates)
-    group_size = torch.tensor([len(group) for group in templates], dtype=torch.float32)
-    bare_j = next((j for j, (_, t) in enumerate(flat) if t == "{}"), None)
-    prompts = [(i, j) for i in range(len(requests)) for j in range(len(flat))]
-    if bare_j is None:  # templates without a bare "{}": read it as an extra prompt
-        bare_j = len(flat)
-        prompts += [(i, bare_j) for i in range(len(requests))]
     names = {t.layer: t.name for t in targets}
     z_name = cfg.layer_module_tmp.format(cfg.z_layer)
     stop = z_name if read_z else names[max(names)]
@@ -53,21 +80,12 @@ def read_at_subject(
     bare = {layer: None for layer in names}
     z_out = None
     n = len(requests)
-    for b in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[b : b + cfg.batch_size]
-        tpls = [(flat[j][1] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in chunk]
-        ids, idx = subject_spans(tok, tpls, [requests[i].subject for i, _ in chunk],
-                                 [requests[i].describe() for i, _ in chunk])
-        batch = padded_batch(tok, ids, device)
+    for pb in subject_batches(tok, requests, templates, cfg.batch_size, model_device(model)):
         outs = [z_name] if read_z else []
         with Capture(model, inputs=list(names.values()), outputs=list(names.values()) + outs, stop_after=stop) as cap:
-            forward_until(model, batch)
-        rows = torch.arange(len(chunk))
-        pos = torch.tensor(idx)
-        req = torch.tensor([i for i, _ in chunk])
-        is_bare = torch.tensor([j == bare_j for _, j in chunk])
-        # weight of each prompt in its request's two-level average (0 for an extra bare prompt)
-        w = torch.tensor([1.0 / (n_groups * group_size[flat[j][0]]) if j < len(flat) else 0.0 for _, j in chunk])
+            forward_until(model, pb.batch)
+        rows = torch.arange(len(pb.req))
+        pos, req, is_bare, w = pb.pos, pb.req, pb.is_bare, pb.weight
         for layer, name in names.items():
             k = cap.inputs[name][rows.to(cap.inputs[name].device), pos.to(cap.inputs[name].device)].float().cpu()
             v = cap.outputs[name][rows.to(cap.outputs[name].device), pos.to(cap.outputs[name].device)].float().cpu()

@@ -33,7 +33,7 @@ import torch
 from ..config import UnlearnConfig
 from ..edit import Edit
 from ..errors import ZuFastError
-from ..model import continuation_ids, model_device, padded_batch, subject_spans
+from ..model import continuation_ids, model_device
 from ..model.hooks import StopForward, batch_shape_of, forward_until, unflatten_tokens
 from ..model.locate import SHARED, EditTarget, MoETarget, describe_key, expert_key, get_module
 from ..requests import UnlearnRequest
@@ -41,6 +41,7 @@ from ..stats.collect import CorpusStats
 from ..stats.moe import expert_call_args, hook_block
 from ..stats.moments import LayerStats
 from .closed_form import _forget_weights, _report, _solve, multiplier
+from .keys import subject_batches
 from .projector import Projector
 from .templates import context_templates as make_context_templates
 
@@ -83,31 +84,15 @@ def read_at_subject(model, tok, requests: Sequence[UnlearnRequest], cfg: Unlearn
     truncated forward per batch reads every layer): a routed expert's key is its down-projection input,
     recomputed for the subject tokens routed to it, weighted by its gate; the shared expert's by its gate.
     """
-    device = model_device(model)
-    flat = [(g, t) for g, group in enumerate(templates) for t in group]
-    n_groups = len(templates)
-    group_size = [len(group) for group in templates]
-    bare_j = next((j for j, (_, t) in enumerate(flat) if t == "{}"), None)
-    prompts = [(i, j) for i in range(len(requests)) for j in range(len(flat))]
-    if bare_j is None:  # templates without a bare "{}": read it as an extra prompt (weight 0)
-        bare_j = len(flat)
-        prompts += [(i, bare_j) for i in range(len(requests))]
     n = len(requests)
     out = {t.layer: LayerReadings() for t in targets}
     z_name = cfg.layer_module_tmp.format(cfg.z_layer)
     z_out = None
     deepest = max(targets, key=lambda t: t.layer)
 
-    for b in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[b : b + cfg.batch_size]
-        tpls = [(flat[j][1] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in chunk]
-        ids, idx = subject_spans(tok, tpls, [requests[i].subject for i, _ in chunk],
-                                 [requests[i].describe() for i, _ in chunk])
-        batch = padded_batch(tok, ids, device)
-        reader = _BatchReader(
-            out, n, torch.tensor(idx), torch.tensor([i for i, _ in chunk]),
-            torch.tensor([j == bare_j for _, j in chunk]),
-            torch.tensor([1.0 / (n_groups * group_size[flat[j][0]]) if j < len(flat) else 0.0 for _, j in chunk]))
+    for pb in subject_batches(tok, requests, templates, cfg.batch_size, model_device(model)):
+        batch = pb.batch
+        reader = _BatchReader(out, n, pb.pos, pb.req, pb.is_bare, pb.weight)
         handles = [model.register_forward_pre_hook(reader.record_shape, with_kwargs=True)]
         for t in targets:
             handles += _reading_hooks(model, t, reader, stop=(not read_z and t is deepest))
