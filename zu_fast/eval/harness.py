@@ -206,8 +206,9 @@ class _Runner:
                 "cpu_seconds": cpu if method != "base" else 0.0, "report": report}
 
 
-def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and sample std over seeds per (method, n)."""
+def _aggregate(rows: list[dict[str, Any]], metrics: list[tuple[str, str, int]] | None = None) -> list[dict[str, Any]]:
+    """Mean and sample std over seeds per (method, n) of ``metrics`` (default: METRICS and the CPU time)."""
+    metrics = METRICS + [("cpu_seconds", "", 2)] if metrics is None else metrics
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in rows:
         if "error" not in r:
@@ -215,7 +216,7 @@ def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (method, n), rs in groups.items():
         agg: dict[str, Any] = {"method": method, "n": n, "seeds": [r["seed"] for r in rs]}
-        for key, _, _ in METRICS + [("cpu_seconds", "", 2)]:
+        for key, _, _ in metrics:
             vals = [float(r[key]) for r in rs if key in r and not math.isnan(float(r[key]))]
             agg[key] = statistics.fmean(vals) if vals else math.nan
             agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
@@ -657,19 +658,7 @@ class _DatasetRunner:
 
 def _dataset_aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample std over seeds per (method, n) of the dataset metrics."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in rows:
-        if "error" not in r:
-            groups.setdefault((r["method"], r["n"]), []).append(r)
-    out = []
-    for (method, n), rs in groups.items():
-        agg: dict[str, Any] = {"method": method, "n": n, "seeds": [r["seed"] for r in rs]}
-        for key, _, _ in DATASET_METRICS:
-            vals = [float(r[key]) for r in rs if key in r and not math.isnan(float(r[key]))]
-            agg[key] = statistics.fmean(vals) if vals else math.nan
-            agg[key + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        out.append(agg)
-    return out
+    return _aggregate(rows, DATASET_METRICS)
 
 
 def dataset_table(aggs: list[dict[str, Any]], order: list[str]) -> str:
