@@ -148,24 +148,20 @@ def _build_model(config: TinyLMConfig, vocab_size: int, tok):
 
     if config.moe_experts:
         return _build_moe_model(config, vocab_size, tok)
-    mc = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
-    )
+    mc = LlamaConfig(**_shape(config, vocab_size, tok), intermediate_size=config.intermediate_size)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(mc)
     model.config.zu_fast_model = MODEL_TAG
     return model
+
+
+def _shape(config: TinyLMConfig, vocab_size: int, tok) -> dict:
+    """The transformers config fields the dense model and its Mixtral variant share."""
+    return dict(vocab_size=vocab_size, hidden_size=config.hidden_size, num_hidden_layers=config.num_layers,
+                num_attention_heads=config.num_heads, num_key_value_heads=config.num_heads,
+                max_position_embeddings=config.max_position_embeddings, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+                attention_dropout=0.0)
 
 
 def _build_moe_model(config: TinyLMConfig, vocab_size: int, tok):
@@ -175,23 +171,13 @@ def _build_moe_model(config: TinyLMConfig, vocab_size: int, tok):
     if not 1 <= config.moe_top_k <= config.moe_experts:
         raise ValueError(f"moe_top_k={config.moe_top_k} must be in 1..moe_experts={config.moe_experts}")
     mc = MixtralConfig(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
+        **_shape(config, vocab_size, tok),
         intermediate_size=config.moe_intermediate_size or config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
         num_local_experts=config.moe_experts,
         num_experts_per_tok=config.moe_top_k,
         router_aux_loss_coef=config.moe_aux_loss,
         output_router_logits=True,  # training adds the load-balancing loss (off again once trained)
-        max_position_embeddings=config.max_position_embeddings,
         sliding_window=None,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
-        attention_dropout=0.0,
     )
     torch.manual_seed(config.seed)
     model = MixtralForCausalLM(mc)
