@@ -39,6 +39,6 @@ def test_targets(benchmark, problem, buckets):
     res = benchmark.pedantic(lambda: optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, eos),
                              rounds=2, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update({"steps_mean": float(res.steps.float().mean()),
-                                 "converged": float((res.final_loss < cfg.v_early_stop_loss).float().mean()),
+                                 "converged": float((res.final_loss < cfg.targets.stop_loss).float().mean()),
                                  "threads": torch.get_num_threads()})
     assert torch.isfinite(res.delta).all()

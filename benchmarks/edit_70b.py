@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import zu_fast  # noqa: E402
 from zu_fast.eval.tinylm import train_tokenizer  # noqa: E402
 from zu_fast.model import tensor_fingerprint  # noqa: E402
-from zu_fast.stats.collect import stats_model_fingerprint  # noqa: E402
+from zu_fast.provenance import stats_model_fingerprint  # noqa: E402
 
 GiB = 2**30
 
@@ -256,9 +256,11 @@ def run(args) -> dict:
     result: dict = {"mode": args.mode, "shape": shape_name, "shape_dims": shape, "layers": layers,
                     "device": dev_name,
                     "torch": torch.__version__, "zu_fast": zu_fast.__version__, "dtype": str(dtype),
-                    "corpus_texts": len(corpus), "config": {k: getattr(cfg, k) for k in (
-                        "v_num_grad_steps", "targets_batch_size", "original_representation",
-                        "stats_batch_tokens", "gram_precision")}}
+                    "corpus_texts": len(corpus),
+                    "config": {"v_num_grad_steps": cfg.targets.steps, "targets_batch_size": cfg.targets.batch_size,
+                               "original_representation": cfg.representation.source,
+                               "stats_batch_tokens": cfg.stats.batch_tokens,
+                               "gram_precision": cfg.closed_form.gram_precision}}
     n_prefix = max(layers) + 1
     state: dict = {}
 
@@ -284,16 +286,16 @@ def run(args) -> dict:
         w_full = param_bytes(model)
         result["weights_gib"] = round(w_full / GiB, 3)
         result["stats_fingerprint_matches_full_model"] = (
-            stats_model_fingerprint(model, cfg) == result["stats"]["fingerprint"])
+            stats_model_fingerprint(model, cfg.layers, cfg.locate) == result["stats"]["fingerprint"])
         reqs = synthetic_requests(args.requests)
-        before = {layer: tensor_fingerprint(model.get_submodule(cfg.rewrite_module_tmp.format(layer)).weight)
+        before = {layer: tensor_fingerprint(model.get_submodule(cfg.locate.rewrite_module.format(layer)).weight)
                   for layer in layers}
         edit = ph.run(f"unlearn {len(reqs)} requests", w_full,
                       lambda: zu_fast.unlearn(model, tok, reqs, cfg, stats=st))
         if edit is not None:
             result["edit_report"] = edit.report.to_dict()
             ph.run("restore", w_full, edit.restore)
-            after = {layer: tensor_fingerprint(model.get_submodule(cfg.rewrite_module_tmp.format(layer)).weight)
+            after = {layer: tensor_fingerprint(model.get_submodule(cfg.locate.rewrite_module.format(layer)).weight)
                      for layer in layers}
             result["restore_bit_exact"] = before == after
     elif args.mode == "stats-partial":

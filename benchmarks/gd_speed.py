@@ -194,7 +194,7 @@ def gpu_rows(steps: int, d: int = 4096, d_in: int = 14336, N: int = 50) -> list[
         gd_mod.gd_update(W, st, K, R, U, cfg.replace(gd_variable="null"), tol=0.0)
         _sync("cuda")
         t_null = time.perf_counter() - t0
-        full = UnlearnConfig().gd_steps
+        full = UnlearnConfig().gd.steps
         rows.append({"shape": f"{d}x{d_in} N={N}", "null_rank": int(info["gd_null_rank"]),
                      "ref_ms_per_step": 1e3 * t_ref / steps, "fast_ms_per_step": 1e3 * t_fast / steps,
                      "null_var_ms_per_step": 1e3 * t_null / steps,
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     cfg = UnlearnConfig(layers=[3])  # reference hyper-parameters: lr 1e-3, 500 steps
     print(f"device: cpu ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"gd_steps {cfg.gd_steps}, early stop tol {gd_mod.DEFAULT_TOL} over {gd_mod.DEFAULT_WINDOW} steps")
+          f"gd_steps {cfg.gd.steps}, early stop tol {cfg.gd.tol} over {cfg.gd.window} steps")
     rows = []
     for null_frac in (0.1, 0.5, 0.9):  # the small model's shape: d 128, d_ff 512
         W, st, K, R, U, _ = gd_problem(d=128, d_in=512, N=50, null_frac=null_frac, seed=1)

@@ -25,12 +25,12 @@ from zu_fast.stats.collect import _batches
 def truncated_forward_seconds(model, tok, texts, cfg, device) -> tuple[float, int]:
     tokens = 0
     # nothing captured: the context only stops each forward after the deepest edited module
-    with Capture(model, stop_after=edit_targets(model, cfg)[-1].name):
+    with Capture(model, stop_after=edit_targets(model, cfg.layers, cfg.locate)[-1].name):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.no_grad():
-            for ids in _batches(tok, texts, cfg.stats_max_length, cfg.stats_batch_tokens):
+            for ids in _batches(tok, texts, cfg.stats.max_length, cfg.stats.batch_tokens):
                 forward_until(model, padded_batch(tok, ids, device))
                 tokens += sum(len(x) for x in ids)
         if device == "cuda":

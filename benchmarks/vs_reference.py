@@ -294,7 +294,7 @@ def run_zu_fast(model, tok, texts, method: str, stats=None) -> dict:
         W0 = weights_before[layer].double()
         n = st.n
         C = st.second_moment(torch.float64)
-        X = st.cross_moment(W0, None, cfg.centered_cross_moment)
+        X = st.cross_moment(W0, None, cfg.closed_form.centered_cross_moment)
         read = reads[j][3] if j > 0 else reads[0][3]
         out["layers"][layer] = {
             "C": C.float(), "X": X.float(), "n": n,

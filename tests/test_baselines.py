@@ -35,7 +35,7 @@ def test_alphaedit_follows_the_gd_null_space_rule(setup):
         for layer in (1, 2):
             nb, _ = null_basis_for(stats[layer], cfg_e, dtype=torch.float64)
             assert edit.report[f"null_rank_{layer}"] == nb.null_rank
-            assert nb.null_rank != null_basis(stats[layer], cfg.gd_null_threshold)[0].null_rank
+            assert nb.null_rank != null_basis(stats[layer], cfg.gd.null_threshold)[0].null_rank
     finally:
         edit.restore()
 
@@ -115,7 +115,7 @@ def test_key_value_edits(setup, method):
         dW = (dict(model.named_parameters())[name].detach().double() - before[name].double())  # [d, d_in]
         assert dW.norm() > 0
         if method == "alphaedit":  # the update lives in the null space of C: ΔW P = ΔW
-            nb, _ = null_basis(stats[layer], cfg.gd_null_threshold, dtype=torch.float64)
+            nb, _ = null_basis(stats[layer], cfg.gd.null_threshold, dtype=torch.float64)
             P = nb.dense()
             assert (dW @ P - dW).norm() <= 1e-5 * dW.norm() + 1e-7
             assert edit.report[f"null_rank_{layer}"] == nb.null_rank

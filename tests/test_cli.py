@@ -236,11 +236,12 @@ def test_memit_gpt2_hparams_file_end_to_end(tmp_path):
     (tmp_path / "gpt2-xl.json").write_text(json.dumps(memit))
     cfg = UnlearnConfig.from_json(tmp_path / "gpt2-xl.json", progress=False, original_representation="clean",
                                   context_template_length=3)
-    assert cfg.mom2_update_weight_wk == 20000 and cfg.v_lr == 0.5 and cfg.lm_head_module == "transformer.wte"
+    assert cfg.closed_form.corpus_weight_k == 20000 and cfg.targets.lr == 0.5
+    assert cfg.locate.lm_head == "transformer.wte"
     stats = zu_fast.collect_stats(model, tok, corpus(30), cfg, cache=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     edit = zu_fast.unlearn(model, tok, REQUESTS, cfg, stats=stats)
-    assert edit.config.lm_head_module == "lm_head"  # the output module sharing wte's weight
+    assert edit.config.locate.lm_head == "lm_head"  # the output module sharing wte's weight
     assert sorted(edit.report.layers) == [0, 1] and edit.report.n_requests == 3
     assert edit.report.targets["z_steps_mean"] > 0
     edit.save(tmp_path / "edit")

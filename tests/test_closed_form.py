@@ -56,7 +56,7 @@ def test_normal_equations_gradient_vanishes(centered):
     D = multiplier(W, st, K, R, U, cfg, precision="fp64").requires_grad_(True)
     C = st.second_moment(torch.float64)
     X = st.cross_moment(W, None, centered)
-    P = Projector(U, cfg.projector_eps).dense()
+    P = Projector(U, cfg.representation.projector_eps).dense()
     J = objective(D, W, C, X, K, W @ K, R, P, cfg)
     (grad,) = torch.autograd.grad(J, D)
     # scale: the gradient's two terms separately, ‖2DB‖

@@ -28,7 +28,7 @@ def _mcfg(model_type, n, **kw):
 )
 def test_presets(model_type, n, layers, module):
     cfg = UnlearnConfig.for_model(_mcfg(model_type, n))
-    assert cfg.layers == layers and cfg.rewrite_module_tmp == module
+    assert cfg.layers == layers and cfg.locate.rewrite_module == module
 
 
 PAPER_MODELS = {  # name → (model shape, the reference hparams file)
@@ -55,18 +55,19 @@ def test_reference_hparams_files_load_unchanged(name):
         assert key in msg
     assert cfg == UnlearnConfig.preset(name)
     assert cfg.method == "closed_form" and cfg.layers == ref["layers"]
-    assert (cfg.mom2_update_weight_wk, cfg.mom2_update_weight_wv) == (ref["wiki_KKT_lam"], ref["wiki_VKT_lam"])
-    assert (cfg.forget_weight_fk, cfg.forget_weight_fv) == (ref["forget_KKT_lam"], ref["forget_VKT_lam"])
-    assert cfg.regularization_lam == ref["regularization_lam"] != ref["L2"]  # L2 is not λ
-    assert cfg.v_lr == ref["v_lr"] == 0.1 and cfg.v_loss_layer == ref["v_loss_layer"]
-    assert cfg.clamp_norm_factor == ref["clamp_norm_factor"] and cfg.kl_factor == ref["kl_factor"]
-    assert not cfg.centered_cross_moment
+    cf = cfg.closed_form
+    assert (cf.corpus_weight_k, cf.corpus_weight_v) == (ref["wiki_KKT_lam"], ref["wiki_VKT_lam"])
+    assert (cf.forget_weight_k, cf.forget_weight_v) == (ref["forget_KKT_lam"], ref["forget_VKT_lam"])
+    assert cfg.closed_form.regularization == ref["regularization_lam"] != ref["L2"]  # L2 is not λ
+    assert cfg.targets.lr == ref["v_lr"] == 0.1 and cfg.targets.loss_layer == ref["v_loss_layer"]
+    assert cfg.targets.clamp == ref["clamp_norm_factor"] and cfg.targets.kl_factor == ref["kl_factor"]
+    assert not cfg.closed_form.centered_cross_moment
     # GD: the folder selects the variant; the file's 0.02 is ignored as by the reference (it hard-codes 0.01)
     with pytest.warns(UserWarning, match="hard-codes 0.01"):
         gd = UnlearnConfig.from_json(REF_HPARAMS / "ZeroUnlearn_DG" / fname)
     assert gd == UnlearnConfig.preset(name + "-gd")
-    assert gd.method == "gd" and gd.gd_null_threshold == 0.01 and gd.gd_null_energy is None
-    assert (gd.gd_lr, gd.gd_steps, gd.gd_tol) == (1e-3, 500, 0.0)
+    assert gd.method == "gd" and gd.gd.null_threshold == 0.01 and gd.gd.null_energy is None
+    assert (gd.gd.lr, gd.gd.steps, gd.gd.tol) == (1e-3, 500, 0.0)
     # for_model recognises the model by its shape and gives the same settings
     assert UnlearnConfig.for_model(types.SimpleNamespace(**shape)) == cfg
 
@@ -85,8 +86,8 @@ def test_named_presets_all_load():
 def test_tiny_model_preset():
     cfg = UnlearnConfig.for_model(_mcfg("llama", 6, zu_fast_model="zu-tiny-llama"))
     assert cfg.layers == [1, 2, 3] and cfg.z_layer == 3
-    assert cfg.method == "gd" and cfg.clamp_norm_factor == 1.0 and cfg.gd_null_energy == 0.01
-    assert cfg.original_representation == "clean"
+    assert cfg.method == "gd" and cfg.targets.clamp == 1.0 and cfg.gd.null_energy == 0.01
+    assert cfg.representation.source == "clean"
     # an explicit choice still wins over the preset
     assert UnlearnConfig.for_model(_mcfg("llama", 6, zu_fast_model="zu-tiny-llama"), method="closed_form").method \
         == "closed_form"
@@ -101,8 +102,8 @@ def test_memit_style_keys(tmp_path):
     path.write_text(json.dumps(ref))
     with pytest.warns(UserWarning, match="stats_dir"):
         cfg = UnlearnConfig.from_json(path)
-    assert cfg.layers == [4, 5, 6] and cfg.mom2_update_weight_wk == cfg.mom2_update_weight_wv == 20000
-    assert cfg.lm_head_module == "transformer.wte"
+    assert cfg.layers == [4, 5, 6] and cfg.closed_form.corpus_weight_k == cfg.closed_form.corpus_weight_v == 20000
+    assert cfg.locate.lm_head == "transformer.wte"
 
 
 def test_yaml_numbers_are_numbers(tmp_path):
@@ -110,7 +111,7 @@ def test_yaml_numbers_are_numbers(tmp_path):
     path = tmp_path / "h.yaml"
     path.write_text("layers: [1, 2]\nv_lr: 1e-1\nmom2_n_samples: '1000'\n")  # YAML 1.1 reads 1e-1 as a string
     cfg = UnlearnConfig.from_json(path)
-    assert cfg.v_lr == 0.1 and isinstance(cfg.v_lr, float) and cfg.mom2_n_samples == 1000
+    assert cfg.targets.lr == 0.1 and isinstance(cfg.targets.lr, float) and cfg.stats.n_samples == 1000
     path.write_text("layers: [1, 2]\nv_lr: fast\n")
     with pytest.raises(ZuFastError, match="v_lr: expected a number"):
         UnlearnConfig.from_json(path)
@@ -159,9 +160,9 @@ def test_json_roundtrip(tmp_path):
 def test_untuned_models_get_the_leverage_rule_and_gd_the_target_retry(mcfg):
     gd = UnlearnConfig.for_model(mcfg, method="gd")
     cf = UnlearnConfig.for_model(mcfg, method="closed_form")
-    assert gd.forget_leverage == cf.forget_leverage == 0.7
-    assert gd.target_retry_clamp == 2.0 and cf.target_retry_clamp is None  # GD only (RESULTS.md)
-    assert UnlearnConfig.for_model(mcfg, method="closed_form", target_retry_clamp=3.0).target_retry_clamp == 3.0
+    assert gd.closed_form.forget_leverage == cf.closed_form.forget_leverage == 0.7
+    assert gd.targets.retry_clamp == 2.0 and cf.targets.retry_clamp is None  # GD only (RESULTS.md)
+    assert UnlearnConfig.for_model(mcfg, method="closed_form", target_retry_clamp=3.0).targets.retry_clamp == 3.0
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_MODELS))
@@ -169,5 +170,5 @@ def test_paper_presets_keep_the_reference_weights_and_single_target_run(name):
     shape, _ = PAPER_MODELS[name]
     for cfg in (UnlearnConfig.preset(name), UnlearnConfig.for_model(types.SimpleNamespace(**shape)),
                 UnlearnConfig.preset(name + "-gd")):
-        assert cfg.forget_leverage is None and cfg.target_retry_clamp is None
-    assert UnlearnConfig.preset(name).forget_weight_fk == 50.0
+        assert cfg.closed_form.forget_leverage is None and cfg.targets.retry_clamp is None
+    assert UnlearnConfig.preset(name).closed_form.forget_weight_k == 50.0

@@ -11,8 +11,7 @@ from tiny_models import REQUESTS, corpus, llama
 
 import zu_fast
 from zu_fast import Edit, StaleStatsError, UnlearnConfig, ZuFastError
-from zu_fast.edit import stack_base_fingerprint
-from zu_fast.stats.collect import stats_model_fingerprint
+from zu_fast.provenance import stack_base_fingerprint, stats_model_fingerprint
 
 TEMPLATES = [["{}"], ["Because I. {}"]]
 pytestmark = pytest.mark.filterwarnings("ignore:zu_fast. (the target|layer):UserWarning")
@@ -84,11 +83,12 @@ def test_stack_order_restore_apply_again_and_out_of_order(base):
 def test_sequential_unlearning_reuses_the_base_statistics_only_while_the_stack_vouches(base):
     model0, tok, cfg, stats = base
     model = copy.deepcopy(model0)
-    assert stack_base_fingerprint(model, cfg) is None  # no edits
+    assert stack_base_fingerprint(model, cfg.layers, cfg.locate) is None  # no edits
     A = zu_fast.unlearn(model, tok, REQUESTS[:1], cfg, stats=stats, context_templates=TEMPLATES)
     # the stack reproduces the statistics fingerprint of the unedited model exactly
-    assert stack_base_fingerprint(model, cfg) == stats_model_fingerprint(model0, cfg) == stats.meta["model_fingerprint"]
-    assert stats_model_fingerprint(model, cfg) != stats.meta["model_fingerprint"]
+    base = stack_base_fingerprint(model, cfg.layers, cfg.locate)
+    assert base == stats_model_fingerprint(model0, cfg.layers, cfg.locate) == stats.meta["model_fingerprint"]
+    assert stats_model_fingerprint(model, cfg.layers, cfg.locate) != stats.meta["model_fingerprint"]
     # an edited weight changed outside zu_fast: the stack cannot vouch for the weights any more
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.mul_(1.01)

@@ -19,7 +19,8 @@ from tiny_models import REQUESTS, corpus, tokenizer
 
 import zu_fast
 from zu_fast import UnlearnConfig, ZuFastError
-from zu_fast.config import SUPPORTED_FAMILIES, _default_layers
+from zu_fast.config import SUPPORTED_FAMILIES
+from zu_fast.config.presets import default_layers
 
 TEMPLATES = [["{}"], ["Because. {}"]]  # fixed context templates: no generation in the tests
 FAST = dict(progress=False, v_num_grad_steps=2, original_representation="clean", stats_batch_tokens=512)
@@ -41,11 +42,11 @@ def test_family_end_to_end(family, tmp_path):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*no preset.*")
         cfg = UnlearnConfig.for_model(model, **FAST)
-    assert cfg.rewrite_module_tmp == {**DENSE, **MOE}[family]
+    assert cfg.locate.rewrite_module == {**DENSE, **MOE}[family]
     assert cfg.layers == [0, 1]  # 3 layers: z at 1, one layer above it
     head = model.get_output_embeddings()
-    assert model.get_submodule(cfg.lm_head_module) is head  # from the model (GPT-NeoX: lm_head, not embed_out)
-    assert cfg.gd_null_energy == 0.01  # a family the paper never tuned: the scale-free null-space rule
+    assert model.get_submodule(cfg.locate.lm_head) is head  # from the model (GPT-NeoX: lm_head, not embed_out)
+    assert cfg.gd.null_energy == 0.01  # a family the paper never tuned: the scale-free null-space rule
 
     stats = zu_fast.collect_stats(model, tok, corpus(24), cfg, cache=False)
     before = _state(model)
@@ -54,7 +55,7 @@ def test_family_end_to_end(family, tmp_path):
     changed = sorted(k for k in before if not torch.equal(before[k], edited[k]))
     assert changed, "the edit changed nothing"
     for k in changed:  # only the edited layers' output projections (or fused experts) move
-        assert any(k.startswith(cfg.rewrite_module_tmp.format(layer)) for layer in cfg.layers), k
+        assert any(k.startswith(cfg.locate.rewrite_module.format(layer)) for layer in cfg.layers), k
         assert k.endswith(("down_proj", "down_proj.weight", "c_proj.weight", "fc_out.weight", "fc2.weight",
                            "dense_4h_to_h.weight")), k
 
@@ -84,7 +85,7 @@ def test_non_causal_models_are_refused(family):
                                       (28, [16, 17, 18]), (32, [19, 20, 21]), (80, [51, 52, 53])])
 def test_layers_follow_the_depth(n, layers):
     """The paper's ~60% rule (19–21 of 32, 16–18 of 28) and a layer above z whenever the model has two."""
-    assert _default_layers(n) == layers
+    assert default_layers(n) == layers
     assert UnlearnConfig.for_model(types.SimpleNamespace(model_type="llama", num_hidden_layers=n)).layers == layers
     if n >= 2:
         assert max(layers) <= n - 2
@@ -121,7 +122,7 @@ def test_warns_only_when_guessing():
     model.config.model_type = "my_llama_variant"
     with pytest.warns(UserWarning, match="no preset for model_type='my_llama_variant'; found by name on the model"):
         cfg = UnlearnConfig.for_model(model, progress=False)
-    assert cfg.rewrite_module_tmp == "model.layers.{}.mlp.down_proj" and cfg.layers == [0, 1]
+    assert cfg.locate.rewrite_module == "model.layers.{}.mlp.down_proj" and cfg.layers == [0, 1]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         UnlearnConfig.for_model(model, rewrite_module_tmp="model.layers.{}.mlp.down_proj",
@@ -137,7 +138,7 @@ def test_warns_only_when_guessing():
 def test_paper_presets_keep_the_reference_null_rule():
     llama8b = types.SimpleNamespace(model_type="llama", num_hidden_layers=32, hidden_size=4096,
                                     intermediate_size=14336)
-    assert UnlearnConfig.for_model(llama8b).gd_null_energy is None  # the paper's file: absolute threshold
-    assert UnlearnConfig.for_model(types.SimpleNamespace(model_type="llama", num_hidden_layers=32)).gd_null_energy \
+    assert UnlearnConfig.for_model(llama8b).gd.null_energy is None  # the paper's file: absolute threshold
+    assert UnlearnConfig.for_model(types.SimpleNamespace(model_type="llama", num_hidden_layers=32)).gd.null_energy \
         == 0.01
-    assert UnlearnConfig.preset("zu-tiny").gd_null_energy == 0.01
+    assert UnlearnConfig.preset("zu-tiny").gd.null_energy == 0.01

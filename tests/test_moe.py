@@ -34,6 +34,10 @@ TEMPLATES = [["{}"], ["Because. {}"]]
 FAST = dict(progress=False, v_num_grad_steps=2, original_representation="clean", stats_batch_tokens=256)
 
 
+def _layers_and_names(cfg):
+    return cfg.layers, cfg.locate
+
+
 def _state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -60,7 +64,7 @@ def test_per_expert_statistics_equal_a_float64_gather(family):
     cfg = UnlearnConfig.for_model(model, **FAST)
     seen = []  # every call of each MoE layer in the statistics pass: (mask, x, idx, w, shared input, s)
     mask = [None]
-    layers = {t.layer: t for t in edit_targets(model, cfg) if isinstance(t, MoETarget)}
+    layers = {t.layer: t for t in edit_targets(model, cfg.layers, cfg.locate) if isinstance(t, MoETarget)}
     hooks = [model.register_forward_pre_hook(lambda m, a, kw: mask.__setitem__(0, kw["attention_mask"]),
                                              with_kwargs=True)]
     for layer, t in layers.items():
@@ -125,7 +129,7 @@ def test_expert_keys_reproduce_the_block(family):
     """Σ_e g_e (W_e k_e + b_e) [+ s · shared] computed from zu_fast's keys equals the MoE block's output."""
     tok = tokenizer()
     model = build(family)
-    t = next(t for t in edit_targets(model, UnlearnConfig.for_model(model, progress=False))
+    t = next(t for t in edit_targets(model, *_layers_and_names(UnlearnConfig.for_model(model, progress=False)))
              if isinstance(t, MoETarget))
     got = {}
     h1 = t.experts.register_forward_pre_hook(lambda m, a, kw: got.update(x=a[0], idx=a[1], w=a[2]), with_kwargs=True)
@@ -200,11 +204,11 @@ def test_per_expert_closed_form_equals_the_float64_weighted_problem(d_in, bias):
     problems = layer_problems(t, rd, resid, CorpusStats(stats), bias_in_r=True)
     G = mass.sum(0)  # [N]
     assert {p.key for p in problems} == {expert_key(layer, e) for e in range(E) if bool((mass[e] > 0).any())}
-    P = (1 + cfg.projector_eps) * torch.eye(d, dtype=torch.float64) - U @ U.t()
+    P = (1 + cfg.representation.projector_eps) * torch.eye(d, dtype=torch.float64) - U @ U.t()
     for p in problems:
         e = p.key % 10_000
-        lam = {"mom2_update_weight_wk": cfg.mom2_update_weight_wk * p.weight,
-               "mom2_update_weight_wv": cfg.mom2_update_weight_wv * p.weight}
+        lam = {"mom2_update_weight_wk": cfg.closed_form.corpus_weight_k * p.weight,
+               "mom2_update_weight_wv": cfg.closed_form.corpus_weight_v * p.weight}
         solve = multiplier if d_in >= d else narrow_multiplier
         D = solve(W[e], stats[p.key], p.K, p.R, U, cfg.replace(**lam), bias=b[e])  # [d, d]
         # the reference: explicit weighted sums, no column scaling
@@ -212,16 +216,17 @@ def test_per_expert_closed_form_equals_the_float64_weighted_problem(d_in, bias):
         Wd, st = W[e].double(), stats[p.key]
         C = st.kk.double() / st.n
         X = (Wd @ C + (torch.outer(b[e].double(), st.ks / st.n) if bias else 0.0)) * st.n / (st.n - 1)
-        M = cfg.mom2_update_weight_wk * pi * C + cfg.regularization_lam * torch.eye(d_in, dtype=torch.float64)
-        Y = cfg.mom2_update_weight_wv * pi * X + cfg.regularization_lam * Wd
+        cf = cfg.closed_form
+        M = cf.corpus_weight_k * pi * C + cf.regularization * torch.eye(d_in, dtype=torch.float64)
+        Y = cfg.closed_form.corpus_weight_v * pi * X + cfg.closed_form.regularization * Wd
         for i in range(N):
             w_i = float(mass[e, i])
             if w_i == 0:
                 continue
             k = keys[e, i].double()
             v = Wd @ k + (b[e].double() if bias else 0.0) + resid[i].double() / float(G[i])
-            M += cfg.forget_weight_fk * w_i * torch.outer(k, k)
-            Y += cfg.forget_weight_fv * w_i * torch.outer(v, k)
+            M += cfg.closed_form.forget_weight_k * w_i * torch.outer(k, k)
+            Y += cfg.closed_form.forget_weight_v * w_i * torch.outer(v, k)
         B = Wd @ M @ Wd.t()
         A = P @ Y @ Wd.t()
         D_ref = A @ torch.linalg.pinv(B, hermitian=True)  # the minimum-norm solution of D B = A
@@ -264,7 +269,9 @@ def test_one_expert_moe_is_the_dense_edit():
     dense.load_state_dict(sd, strict=True)
     with torch.no_grad():
         ids = tok(["Alice Morvan was born in Lisbon."], return_tensors="pt")
-        assert torch.equal(moe(**ids).logits, dense(**ids).logits)
+        # the same function, computed through other kernels (fused experts vs three Linear layers): equal to
+        # float32 rounding, not bit for bit, in recent transformers
+        torch.testing.assert_close(moe(**ids).logits, dense(**ids).logits, rtol=1e-5, atol=1e-6)
     for method in ("closed_form", "gd"):
         factors = []
         for model in (moe, dense):
@@ -324,7 +331,7 @@ def test_expert_without_corpus_tokens_is_refused():
 
 def test_expert_slice_names_resolve():
     model = build("gpt_oss")
-    t = next(t for t in edit_targets(model, UnlearnConfig.for_model(model, progress=False))
+    t = next(t for t in edit_targets(model, *_layers_and_names(UnlearnConfig.for_model(model, progress=False)))
              if isinstance(t, MoETarget))
     target = t.expert_target(2)
     assert isinstance(target, EditTarget) and target.transposed and target.weight.shape == (32, 24)
@@ -344,4 +351,4 @@ def test_tiny_moe_option_keeps_the_default_model():
     model = _build_model(cfg, len(tokenizer()), tokenizer())
     assert isinstance(model, T.MixtralForCausalLM) and model.config.num_local_experts == 4
     preset = UnlearnConfig.for_model(model)
-    assert preset.method == "gd" and preset.rewrite_module_tmp == "model.layers.{}.mlp" and preset.layers == [0, 1]
+    assert preset.method == "gd" and preset.locate.rewrite_module == "model.layers.{}.mlp" and preset.layers == [0, 1]

@@ -129,7 +129,8 @@ def test_the_centred_cross_moment_would_not_reproduce_it(case, own_stats):
     K, U = ref[f"closed_form.{layer}.K"], ref[f"closed_form.{layer}.U"]
     cfg = _config(meta, "closed_form")
     reqs = normalize_requests(meta["requests"])
-    h = read_at_subject(model, tok, reqs, cfg, meta["templates"], edit_targets(model, cfg)).z_out  # before any edit
+    targets = edit_targets(model, cfg.layers, cfg.locate)
+    h = read_at_subject(model, tok, reqs, cfg, meta["templates"], targets).z_out  # before any edit
     R = ((ref["closed_form.z"] - h) / len(meta["layers"])).t()  # the first layer's residuals  [d, N]
     err = {}
     for centred in (False, True):

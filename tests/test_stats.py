@@ -72,10 +72,10 @@ def test_measured_and_derived_agree_on_a_real_model():
 def test_gpt2_conv1d_with_bias():
     model, tok = gpt2()
     cfg = UnlearnConfig.for_model(model, progress=False, stats_mode="measured")
-    assert cfg.rewrite_module_tmp == "transformer.h.{}.mlp.c_proj"
+    assert cfg.locate.rewrite_module == "transformer.h.{}.mlp.c_proj"
     st = zu_fast.collect_stats(model, tok, corpus(20), cfg, cache=False)
     layer = cfg.layers[-1]
-    mod = model.get_submodule(cfg.rewrite_module_tmp.format(layer))
+    mod = model.get_submodule(cfg.locate.rewrite_module.format(layer))
     X_m = st[layer].cross_moment(mod.weight.double().t(), mod.bias.double(), centered=True)
     st[layer].vk = None
     X_d = st[layer].cross_moment(mod.weight.double().t(), mod.bias.double(), centered=True)

@@ -32,9 +32,9 @@ def _reference_z(model, tok, req, cfg: UnlearnConfig, layer: int, target_ids: li
         ids[i] = ids[i] + target_ids[:-1]
     batch = padded_batch(tok, ids, "cpu")
     n_layers = model.config.num_hidden_layers
-    loss_layer = max(cfg.v_loss_layer, layer) if cfg.v_loss_layer is not None else n_layers - 1
+    loss_layer = max(cfg.targets.loss_layer, layer) if cfg.targets.loss_layer is not None else n_layers - 1
     delta = torch.zeros(model.config.hidden_size, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+    opt = torch.optim.Adam([delta], lr=cfg.targets.lr)
     h_init = kl_init = None
     mod = get_module(model, edit_template.format(layer))
     loss_out = {}
@@ -53,33 +53,34 @@ def _reference_z(model, tok, req, cfg: UnlearnConfig, layer: int, target_ids: li
         loss_out["h"] = output[0] if isinstance(output, tuple) else output
 
     h1 = mod.register_forward_hook(edit_hook)
-    h2 = get_module(model, cfg.layer_module_tmp.format(loss_layer)).register_forward_hook(loss_hook)
+    h2 = get_module(model, cfg.locate.layer_module.format(loss_layer)).register_forward_hook(loss_hook)
     for p in model.parameters():
         p.requires_grad_(False)
     steps = 0
     try:
-        for it in range(cfg.v_num_grad_steps):
+        for it in range(cfg.targets.steps):
             opt.zero_grad()
             logits = model(**batch, use_cache=False).logits
             kl_logp = torch.log_softmax(logits[n_rw, idx[n_rw]][None], -1)
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             head = model.lm_head
-            logp = torch.log_softmax(head(get_module(model, cfg.ln_f_module)(loss_out["h"][:n_rw])), -1)
+            logp = torch.log_softmax(head(get_module(model, cfg.locate.final_norm)(loss_out["h"][:n_rw])), -1)
             nll = []
             for i in range(n_rw):
                 start = len(ids[i]) - len(target_ids)
                 nll.append(-sum(logp[i, start + j, t] for j, t in enumerate(target_ids)) / len(target_ids))
             nll = torch.stack(nll).mean()
-            kl = cfg.kl_factor * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True, reduction="batchmean")
-            wd = cfg.v_weight_decay * (delta.norm() / h_init.norm() ** 2)
+            kl = cfg.targets.kl_factor * torch.nn.functional.kl_div(kl_init, kl_logp, log_target=True,
+                                                                    reduction="batchmean")
+            wd = cfg.targets.weight_decay * (delta.norm() / h_init.norm() ** 2)
             loss = nll + kl + wd
-            if loss < cfg.v_early_stop_loss or it == cfg.v_num_grad_steps - 1:
+            if loss < cfg.targets.stop_loss or it == cfg.targets.steps - 1:
                 break
             loss.backward()
             opt.step()
             steps += 1
-            max_norm = cfg.clamp_norm_factor * h_init.norm()
+            max_norm = cfg.targets.clamp * h_init.norm()
             if delta.norm() > max_norm:
                 with torch.no_grad():
                     delta[...] = delta * max_norm / delta.norm()
@@ -100,7 +101,7 @@ def test_batched_targets_follow_the_reference_loop(at_module, v_loss_layer):
     layer = 1
     targets = [continuation_ids(tok, None), continuation_ids(tok, "Acme Oslo")]  # one token, several
     got = optimize_deltas(model, tok, reqs, cfg, TEMPLATES, layer, targets, at_module=at_module)
-    edit_template = cfg.rewrite_module_tmp if at_module else cfg.layer_module_tmp
+    edit_template = cfg.locate.rewrite_module if at_module else cfg.locate.layer_module
     for i, r in enumerate(reqs):
         delta, h_init, steps = _reference_z(model, tok, r, cfg, layer, targets[i], edit_template)
         assert torch.allclose(got.h_init[i], h_init, rtol=1e-5, atol=1e-7)
@@ -117,7 +118,7 @@ def test_kl_is_current_given_initial():
     r = normalize_requests(REQUESTS[:1])
     eos = [continuation_ids(tok, None)]
     got = optimize_deltas(model, tok, r, cfg, TEMPLATES, 1, eos)
-    delta, _, _ = _reference_z(model, tok, r[0], cfg, 1, eos[0], cfg.layer_module_tmp)
+    delta, _, _ = _reference_z(model, tok, r[0], cfg, 1, eos[0], cfg.locate.layer_module)
     assert torch.allclose(got.delta[0], delta, rtol=1e-4, atol=1e-6)
 
 

@@ -291,7 +291,7 @@ def test_flags_warn_with_numbers_and_survive_save_load(tmp_path):
     large = [f for f in edit.report.flags if f["kind"] == "large_weight_change"]
     assert sorted(f["layer"] for f in large) == [1, 2] and all(f["rel_weight_change"] > 1e-6 for f in large)
     for row in edit.report.layers.values():
-        assert 0.0 < row["leverage_mean"] < 1.0 and row["forget_weight_fk"] == cfg.forget_weight_fk
+        assert 0.0 < row["leverage_mean"] < 1.0 and row["forget_weight_fk"] == cfg.closed_form.forget_weight_k
     edit.save(tmp_path / "e")
     assert _flag_kinds(Edit.load(tmp_path / "e")) == _flag_kinds(edit)
     assert "target_not_reached" in str(edit.report)
@@ -308,7 +308,7 @@ def test_leverage_rule_raises_the_forget_weight_and_closes_more_of_the_gap():
                             context_templates=TEMPLATES)
     rows = ruled.report.layers.values()
     assert all(r["leverage_mean"] == pytest.approx(0.9, abs=1e-6) for r in rows)
-    assert all(r["forget_weight_fk"] > cfg.forget_weight_fk for r in rows)
+    assert all(r["forget_weight_fk"] > cfg.closed_form.forget_weight_k for r in rows)
     assert ruled.report.targets["z_gap_closed"] > gap_plain
     ruled.restore()
 
@@ -335,5 +335,5 @@ def test_unreached_targets_are_retried_with_a_wider_clamp_only_for_those_rows():
     assert (res.steps[bad] > first.steps[bad]).all()
     off = cfg.replace(target_retry_clamp=None)
     assert retry_unreached(model, tok, reqs, off, TEMPLATES, 2, eos, first)[1:] == (0, 0)
-    with pytest.raises(ZuFastError, match="target_retry_clamp"):
+    with pytest.raises(ZuFastError, match="retry_clamp"):
         cfg.replace(target_retry_clamp=1.0)

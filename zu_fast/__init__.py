@@ -11,8 +11,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402
 from .config import UnlearnConfig  # noqa: E402
 from .edit import Edit, EditReport, edits  # noqa: E402
 from .errors import StaleStatsError, ZuFastError  # noqa: E402

@@ -241,7 +241,7 @@ def cmd_stats(args) -> int:
     model, tok = _load_model(args.model, args.dtype, args.device)
     cfg = _config(model, args)
     cfg = cfg.replace(**({"mom2_n_samples": args.n_samples} if args.n_samples else {}))
-    texts = read_corpus(args.corpus, cfg.mom2_n_samples)  # every line checked before the statistics pass
+    texts = read_corpus(args.corpus, cfg.stats.n_samples)  # every line checked before the statistics pass
     if args.out and (args.overwrite and Path(args.out).exists()):
         try:  # statistics of this model already there: keep them; else recompute and replace only ours
             stats = collect_stats(model, tok, texts, cfg, cache_path=args.out) if out_is_stats else None
@@ -288,10 +288,10 @@ def cmd_unlearn(args) -> int:
             UnlearnConfig.from_json(args.config)  # a bad file is refused before the model is loaded
     model, tok = _load_model(args.model, args.dtype, args.device)
     cfg = _config(model, args)
-    edit_targets(model, cfg)  # layers and module names
+    edit_targets(model, cfg.layers, cfg.locate)  # layers and module names
     _check_before_work(model, tok, requests, cfg)  # weights finite, requests fit the context
     if args.corpus:  # collected once, then loaded from the cache (or --stats folder) when it matches
-        texts = read_corpus(args.corpus, cfg.mom2_n_samples)  # every line checked before the statistics pass
+        texts = read_corpus(args.corpus, cfg.stats.n_samples)  # every line checked before the statistics pass
         stats = collect_stats(model, tok, texts, cfg, cache_path=args.stats)
     else:
         layers, meta = load_stats(args.stats)

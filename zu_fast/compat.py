@@ -206,7 +206,7 @@ def layer_stats(
         changes["stats_batch_tokens"] = int(batch_tokens)
     max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     if max_pos:  # as the reference: texts truncated to the model's context
-        changes["stats_max_length"] = min(cfg.stats_max_length, int(max_pos))
+        changes["stats_max_length"] = min(cfg.stats.max_length, int(max_pos))
     cfg = cfg.replace(**changes)
     cache_path = folder / f"{stem}.zu_fast"
     if force_recompute and cache_path.exists():

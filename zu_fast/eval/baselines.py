@@ -5,7 +5,7 @@ model in place and returns a :class:`BaselineEdit` whose ``restore()`` puts back
 parameter it touched (copies taken before the first change).
 
 Fine-tuning baselines (GA, NPO, FT) train the MLP weights (gate/up/down projections: the parent
-module of ``cfg.rewrite_module_tmp``) of the SAME layers ZeroUnlearn edits; everything else is
+module of ``cfg.locate.rewrite_module``) of the SAME layers ZeroUnlearn edits; everything else is
 frozen. Data: each request's prompt (subject filled in) followed by an answer, tokenised exactly as
 the metrics score it (``metrics.encode_continuations``). Hyper-parameters (:class:`BaselineHParams`)
 follow the unlearning literature (TOFU / NPO: AdamW, lr 1e-5 for 7B models, 10 epochs, NPO β = 0.1)
@@ -22,10 +22,10 @@ unlearns at 1e-4. They are fixed a priori and were not tuned on the benchmark.
 Editing baselines use ZeroUnlearn's own targets z (batched optimisation toward the neutral target at
 the z layer, the same context templates), keys read at the subject's last token, the per-layer
 residual spreading r = (z − h)/(m − j + 1), and the covariance C from the SAME statistics cache:
-- MEMIT-style: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹, λ = cfg.mom2_update_weight_wk (15000; MEMIT's value).
+- MEMIT-style: ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹, λ = cfg.closed_form.corpus_weight_k (15000; MEMIT's value).
 - AlphaEdit: ΔW = R Kᵀ P (K Kᵀ P + λ₂ I)⁻¹ with P the projector onto C's null space (eigenvalue
-  ≤ ``null_threshold``; by default the same null space as ZeroUnlearn-GD: cfg.gd_null_energy if set,
-  else cfg.gd_null_threshold) and λ₂ = 10 (AlphaEdit's L2 for Llama3-8B);
+  ≤ ``null_threshold``; by default the same null space as ZeroUnlearn-GD: cfg.gd.null_energy if set,
+  else cfg.gd.null_threshold) and λ₂ = 10 (AlphaEdit's L2 for Llama3-8B);
   ΔW lies in the null space of C by construction (ΔW P = ΔW), so it leaves generic keys untouched.
 """
 
@@ -91,7 +91,7 @@ def _trainable_names(model: torch.nn.Module, cfg: UnlearnConfig, which: str) -> 
     """Parameter names of the edited layers' MLP (or only the edited module)."""
     names = []
     for layer in cfg.layers:
-        mod_name = cfg.rewrite_module_tmp.format(layer)
+        mod_name = cfg.locate.rewrite_module.format(layer)
         if which == "down":
             prefix = mod_name
         elif which == "mlp":
@@ -225,7 +225,7 @@ def _kv_edit(method: str, model, tok, requests, cfg: UnlearnConfig, stats, hp: B
     if stats is None:
         raise ZuFastError(f"{method} needs the corpus statistics (stats=zu_fast.collect_stats(...))")
     reqs: list[UnlearnRequest] = normalize_requests(requests)
-    targets = edit_targets(model, cfg)
+    targets = edit_targets(model, cfg.layers, cfg.locate)
     edit = _backup(method, model, [n for t in targets for n, p in model.named_parameters()
                                    if p is t.module.weight])
     t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def _kv_edit(method: str, model, tok, requests, cfg: UnlearnConfig, stats, hp: B
             C = st.second_moment(torch.float64).to(t.device)  # [d_in, d_in]
             KKt = K @ K.t()  # [d_in, d_in]
             if method == "memit":
-                A = cfg.mom2_update_weight_wk * C + KKt  # SPD  [d_in, d_in]
+                A = cfg.closed_form.corpus_weight_k * C + KKt  # SPD  [d_in, d_in]
                 X = torch.linalg.solve(A, K)  # [d_in, N]
                 dW = R @ X.t()  # R Kᵀ A⁻¹  [d, d_in]
             else:

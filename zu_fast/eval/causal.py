@@ -70,7 +70,7 @@ def subject_locality(
     model.eval()
     clean = p_answer()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    tmp = layer_module_tmp or UnlearnConfig.for_model(model, progress=False).layer_module_tmp
+    tmp = layer_module_tmp or UnlearnConfig.for_model(model, progress=False).locate.layer_module
     out: dict = {"clean": clean.mean().item(), "layers": {}}
     try:
         for layer in layers:

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sweep", action="store_true",
                    help="sample-size sweep: closed form vs GD, quality and time vs n (--n defaults to 10..max)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--gd-steps", type=int, default=None, help="override UnlearnConfig.gd_steps")
+    p.add_argument("--gd-steps", type=int, default=None, help="override UnlearnConfig.gd.steps")
     p.add_argument("--baseline-lr", type=float, default=None,
                    help="AdamW learning rate of GA / NPO / FT (default: BaselineHParams.lr)")
     p.add_argument("--baseline-epochs", type=int, default=None,
@@ -145,7 +145,8 @@ class _Runner:
         self.setup_seconds = time.perf_counter() - t0
         self.max_n = len(self.world.people) // 2
         # every parameter any method may touch: the edited layers' MLPs (checked after each restore)
-        prefixes = tuple(self.cfg.rewrite_module_tmp.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
+        module = self.cfg.locate.rewrite_module
+        prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
         self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
         self.meta = {
             "model": "tinylm " + str(getattr(tinylm, "CODE_VERSION", "")),
@@ -196,7 +197,7 @@ class _Runner:
                 from zu_fast.eval import probes
 
                 res["probes"] = probes.run_probes(self.model, self.tok, records, self.probes, world=self.world,
-                                                  layer_module_tmp=self.cfg.layer_module_tmp,
+                                                  layer_module_tmp=self.cfg.locate.layer_module,
                                                   heldout_texts=self.world.heldout_texts())
         finally:
             if edit is not None:
@@ -596,7 +597,8 @@ class _DatasetRunner:
         self.baseline_hparams = BaselineHParams(**hp_over)
         self.stats = zu_fast.collect_stats(self.model, self.tok, corpus, self.cfg)
         self.device = metrics._model_device(self.model)
-        prefixes = tuple(self.cfg.rewrite_module_tmp.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
+        module = self.cfg.locate.rewrite_module
+        prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
         self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
         self.meta = {
             "model": model_name,

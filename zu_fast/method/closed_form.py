@@ -173,20 +173,20 @@ def multiplier(
     K_f  [d_in, N]  forget keys (columns);  V_f = W K_f (+ b) is computed from them
     R    [d, N]     residuals r_i (already divided by the number of remaining layers)
     U    [d, r]     orthonormal basis of the original representations (P = (1+ε)I − UUᵀ)
-    form            "fast" (default: config.closed_form) or "exact" (dense, for verification)
+    form            "fast" (default: config.closed_form.solver) or "exact" (dense, for verification)
     info            when given, filled with the forget weights used and the requests' leverage (the
                     fraction of each residual the edit realises, method/leverage.py)
     """
     cfg = config or UnlearnConfig(layers=[stats.layer])
-    form = form or cfg.closed_form
+    form = form or cfg.closed_form.solver
     stats.check()
     check_layer_problem(W, stats, K_f, R, U)
     d, d_in = W.shape
     N = K_f.shape[1]
     dev = W.device
-    P = Projector(U.to(dev, torch.float64), cfg.projector_eps)
+    P = Projector(U.to(dev, torch.float64), cfg.representation.projector_eps)
     n = stats.n
-    lam = cfg.regularization_lam
+    lam = cfg.closed_form.regularization
     K = K_f.to(dev, torch.float64)  # [d_in, N]
     Rd = R.to(dev, torch.float64)  # [d, N]
     b = bias.detach().to(dev, torch.float64) if bias is not None else None
@@ -195,14 +195,14 @@ def multiplier(
     if form == "exact":
         Wd = W.detach().to(torch.float64)  # [d, d_in]
         C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
-        X = stats.cross_moment(Wd, b, cfg.centered_cross_moment)  # [d, d_in]
+        X = stats.cross_moment(Wd, b, cfg.closed_form.centered_cross_moment)  # [d, d_in]
         V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
         eye = torch.eye(d_in, dtype=torch.float64, device=dev)
         WK = Wd @ K  # [d, N]
-        B0 = Wd @ (cfg.mom2_update_weight_wk * C + lam * eye) @ Wd.t()  # [d, d]
+        B0 = Wd @ (cfg.closed_form.corpus_weight_k * C + lam * eye) @ Wd.t()  # [d, d]
         lam_fk, lam_fv = _forget_weights(B0, WK, cfg)
-        KKT = cfg.mom2_update_weight_wk * C + lam_fk * (K @ K.t())
-        VKT = cfg.mom2_update_weight_wv * X + lam_fv * ((V + Rd) @ K.t())
+        KKT = cfg.closed_form.corpus_weight_k * C + lam_fk * (K @ K.t())
+        VKT = cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + Rd) @ K.t())
         B = Wd @ (KKT + lam * eye) @ Wd.t()
         A = P.dense() @ (VKT + lam * Wd) @ Wd.t()
         D = _solve(A, B, stats.layer)
@@ -211,22 +211,22 @@ def multiplier(
     if form != "fast":
         raise ZuFastError(f"unknown closed form {form!r}; choose 'fast' or 'exact'")
 
-    G = gram_wcw(W.detach(), stats.kk, cfg.gram_chunk, precision) / n  # W C Wᵀ   [d, d]
-    WK = w_times(W.detach(), torch.cat([K, mu[:, None]], 1), cfg.gram_chunk)  # [d, N+1]
+    G = gram_wcw(W.detach(), stats.kk, cfg.closed_form.gram_chunk, precision) / n  # W C Wᵀ   [d, d]
+    WK = w_times(W.detach(), torch.cat([K, mu[:, None]], 1), cfg.closed_form.gram_chunk)  # [d, N+1]
     WK, Wmu = WK[:, :N], WK[:, N:]  # [d, N], [d, 1]
-    WWt = w_wt(W.detach(), cfg.gram_chunk, precision)  # [d, d]
+    WWt = w_wt(W.detach(), cfg.closed_form.gram_chunk, precision)  # [d, d]
     V = WK + (b[:, None] if b is not None else 0.0)  # forget values  [d, N]
     if stats.vk is not None:  # measured cross moment: X Wᵀ from Σvkᵀ directly
         XWt = _measured_xwt(W.detach(), stats, cfg)
-    elif cfg.centered_cross_moment:
+    elif cfg.closed_form.centered_cross_moment:
         XWt = (n / (n - 1)) * (G - Wmu @ Wmu.t())
     else:
         XWt = (n / (n - 1)) * (G + (b[:, None] @ Wmu.t() if b is not None else 0.0))
-    B0 = cfg.mom2_update_weight_wk * G + lam * WWt  # corpus + regulariser part of B   [d, d]
+    B0 = cfg.closed_form.corpus_weight_k * G + lam * WWt  # corpus + regulariser part of B   [d, d]
     B0 = 0.5 * (B0 + B0.t())  # exact symmetry for Cholesky (chunked sums may differ in the last bit)
     lam_fk, lam_fv = _forget_weights(B0, WK, cfg)
     B = B0 + lam_fk * (WK @ WK.t())
-    Y = cfg.mom2_update_weight_wv * XWt + lam_fv * ((V + Rd) @ WK.t()) + lam * WWt
+    Y = cfg.closed_form.corpus_weight_v * XWt + lam_fv * ((V + Rd) @ WK.t()) + lam * WWt
     D = _solve(P.apply(Y), B, stats.layer)
     _report(info, B, WK, lam_fk, lam_fv)
     if info is not None:  # how much the layer's outputs move on the corpus: E‖(D−I)Wk‖² / E‖Wk‖²
@@ -236,9 +236,9 @@ def multiplier(
 
 
 def _forget_weights(B0: torch.Tensor, WK: torch.Tensor, cfg: UnlearnConfig) -> tuple[float, float]:
-    """(λ_fK, λ_fV): the configured ones, or raised together (same ratio) to reach cfg.forget_leverage."""
-    lam_fk, lam_fv = float(cfg.forget_weight_fk), float(cfg.forget_weight_fv)
-    target = getattr(cfg, "forget_leverage", None)
+    """(λ_fK, λ_fV): the configured ones, or raised together (same ratio) to reach cfg.closed_form.forget_leverage."""
+    lam_fk, lam_fv = float(cfg.closed_form.forget_weight_k), float(cfg.closed_form.forget_weight_v)
+    target = cfg.closed_form.forget_leverage
     if target is None:
         return lam_fk, lam_fv
     start = lam_fk if lam_fk > 0 else 1.0
@@ -260,10 +260,10 @@ def _measured_xwt(W: torch.Tensor, stats: LayerStats, cfg: UnlearnConfig) -> tor
     d, d_in = W.shape
     dev = W.device
     out = torch.zeros(d, d, dtype=torch.float64, device=dev)
-    for j in range(0, d_in, cfg.gram_chunk):
-        J = slice(j, j + cfg.gram_chunk)
+    for j in range(0, d_in, cfg.closed_form.gram_chunk):
+        J = slice(j, j + cfg.closed_form.gram_chunk)
         out += stats.vk[:, J].to(dev, torch.float64) @ W[:, J].to(torch.float64).t()
-    if cfg.centered_cross_moment:
+    if cfg.closed_form.centered_cross_moment:
         mu_v = stats.vs.to(dev, torch.float64) / n  # [d]
         Wmu = w_times(W, stats.mean_key()[:, None])  # [d, 1]
         return (out - n * mu_v[:, None] @ Wmu.t()) / (n - 1)
@@ -288,9 +288,9 @@ def objective(
     Its gradient 2(D B − A) vanishes exactly at the multiplier.
     """
     WK = W @ K_f
-    quad = (cfg.mom2_update_weight_wk * torch.trace(D @ W @ C @ W.t() @ D.t())
-            + cfg.forget_weight_fk * (D @ WK).pow(2).sum()
-            + cfg.regularization_lam * (D @ W).pow(2).sum())
-    target = P @ (cfg.mom2_update_weight_wv * X @ W.t() + cfg.forget_weight_fv * (V_f + R) @ WK.t()
-                  + cfg.regularization_lam * W @ W.t())
+    quad = (cfg.closed_form.corpus_weight_k * torch.trace(D @ W @ C @ W.t() @ D.t())
+            + cfg.closed_form.forget_weight_k * (D @ WK).pow(2).sum()
+            + cfg.closed_form.regularization * (D @ W).pow(2).sum())
+    target = P @ (cfg.closed_form.corpus_weight_v * X @ W.t() + cfg.closed_form.forget_weight_v * (V_f + R) @ WK.t()
+                  + cfg.closed_form.regularization * W @ W.t())
     return quad - 2 * (D * target).sum()

@@ -52,12 +52,6 @@ from ..errors import ZuFastError
 from ..stats.moments import LayerStats
 from .closed_form import check_layer_problem, w_times
 
-# Early stop: stop once the loss fell by less than DEFAULT_TOL (relative) over DEFAULT_WINDOW steps.
-# Chosen so that the results match the full-length dense reference within the tests' tolerance
-# (tests/test_gd.py, benchmarks/gd_speed.py report both). Overridable via config attributes
-# ``gd_tol`` / ``gd_window`` (0 disables early stopping).
-DEFAULT_TOL = 1e-4
-DEFAULT_WINDOW = 20
 # Disk cache of eigenbases only for layers whose eigendecomposition is expensive.
 DISK_CACHE_MIN_D_IN = 4096
 
@@ -223,7 +217,7 @@ def null_basis(
 
 def null_basis_for(stats: LayerStats, cfg: UnlearnConfig, **kw) -> tuple[NullBasis, Eigh]:
     """``null_basis`` with the config's rule (``gd_null_energy`` if set, else ``gd_null_threshold``)."""
-    return null_basis(stats, cfg.gd_null_threshold, energy=getattr(cfg, "gd_null_energy", None), **kw)
+    return null_basis(stats, cfg.gd.null_threshold, energy=cfg.gd.null_energy, **kw)
 
 
 # --------------------------------------------------------------------------- the update ------
@@ -234,12 +228,6 @@ def _fused_ok(dev: torch.device, dt: torch.dtype) -> bool | None:
     if dev.type in ("cpu", "cuda") and dt in (torch.float32, torch.float64):
         return True
     return None
-
-
-def _setting(cfg: UnlearnConfig, name: str, default):
-    # gd_tol / gd_window / gd_precision may not exist on older configs: fall back to the defaults.
-    v = getattr(cfg, name, None)
-    return default if v is None else v
 
 
 class _Objective:
@@ -254,7 +242,7 @@ class _Objective:
             self.Ud = U.detach().to(dev, dt)  # [d, r_u]
             self.Rd = R.detach().to(dev, dt)  # [d, N]
             self.UtV = self.Ud.t() @ V.to(dt)  # Uᵀ V_f: the orth term's constant part  [r_u, N]
-        self.w = (float(cfg.gd_orth_weight), float(cfg.gd_remap_weight), float(cfg.gd_norm_weight))
+        self.w = (float(cfg.gd.orth_weight), float(cfg.gd.remap_weight), float(cfg.gd.norm_weight))
 
     def terms(self, MK: torch.Tensor, norm: float):
         """S = Uᵀ O [r_u, N], Rm = O − (V_f + R) [d, N], and the (orth, remap, norm) parts of the loss."""
@@ -331,16 +319,16 @@ def gd_update(
     t_start = time.perf_counter()
     check_layer_problem(W, stats, K_f, R, U)
     d, d_in = W.shape
-    precision = precision or _setting(cfg, "gd_precision", "fp32")
+    precision = precision or cfg.gd.precision
     if precision not in ("fp32", "fp64"):
         raise ZuFastError(f"gd precision {precision!r}; choose 'fp32' or 'fp64'")
     dt = torch.float64 if precision == "fp64" else torch.float32
-    tol = float(_setting(cfg, "gd_tol", DEFAULT_TOL) if tol is None else tol)
-    window = int(_setting(cfg, "gd_window", DEFAULT_WINDOW) if window is None else window)
-    steps = int(cfg.gd_steps)
-    w_n = float(cfg.gd_norm_weight)
+    tol = float(cfg.gd.tol if tol is None else tol)
+    window = int(cfg.gd.window if window is None else window)
+    steps = int(cfg.gd.steps)
+    w_n = float(cfg.gd.norm_weight)
     dev = W.device
-    variable = _setting(cfg, "gd_variable", "dense")
+    variable = cfg.gd.variable
     if variable not in ("dense", "null"):
         raise ZuFastError(f"gd variable {variable!r}; choose 'dense' or 'null'")
 
@@ -358,10 +346,10 @@ def gd_update(
         "gd_basis_seconds": float(t_eig),
     }
     if nb.null_rank == 0:
-        energy = getattr(cfg, "gd_null_energy", None)
+        energy = cfg.gd.null_energy
         rule = (f"gd_null_energy={energy} (smallest eigenvalue carries "
                 f"{float(eig.eigvals[0] / eig.eigvals.clamp_min(0).sum()):.3g} of tr C)" if energy is not None
-                else f"gd_null_threshold={cfg.gd_null_threshold} (smallest eigenvalue {float(eig.eigvals[0]):.3g})")
+                else f"gd_null_threshold={cfg.gd.null_threshold} (smallest eigenvalue {float(eig.eigvals[0]):.3g})")
         warnings.warn(f"layer {stats.layer}: the null space of C is empty under {rule}: the GD edit is empty; "
                       "raise the setting", stacklevel=2)
         info.update({"gd_steps": 0.0, "gd_loss_initial": math.nan, "gd_loss_final": math.nan,
@@ -388,7 +376,7 @@ def gd_update(
     # gradient is written into delta.grad in closed form instead of by autograd.
     delta = torch.zeros(d, d_in, dtype=dt, device=dev)  # [d, d_in]
     delta.grad = torch.zeros_like(delta)  # [d, d_in]
-    opt = torch.optim.Adam([delta], lr=cfg.gd_lr, fused=_fused_ok(dev, dt))
+    opt = torch.optim.Adam([delta], lr=cfg.gd.lr, fused=_fused_ok(dev, dt))
     step = 0
 
     with torch.no_grad():
@@ -441,7 +429,7 @@ def _adam_in_null_coordinates(W, nb: NullBasis, K_f, objective: _Objective, stop
     """
     dev = W.device
     w_n = objective.w[2]
-    lr = float(cfg.gd_lr) * math.sqrt(nb.d_in / nb.B.shape[1])
+    lr = float(cfg.gd.lr) * math.sqrt(nb.d_in / nb.B.shape[1])
     with torch.no_grad():
         BtK = nb.B.t() @ K_f.detach().to(dev, dt)  # B_nullᵀ K_f  [k, N]
         BtKt = BtK.t().contiguous()  # [N, k]
@@ -462,5 +450,5 @@ def _adam_in_null_coordinates(W, nb: NullBasis, K_f, objective: _Objective, stop
     return dW, parts, step
 
 
-__all__ = ["DEFAULT_TOL", "DEFAULT_WINDOW", "Eigh", "NullBasis", "eigh_of", "gd_update", "null_basis", "null_basis_for",
+__all__ = ["Eigh", "NullBasis", "eigh_of", "gd_update", "null_basis", "null_basis_for",
            "null_rank"]

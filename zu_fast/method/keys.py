@@ -74,13 +74,13 @@ def read_at_subject(
     reference's two-level average), so a type with many templates does not dominate.
     """
     names = {t.layer: t.name for t in targets}
-    z_name = cfg.layer_module_tmp.format(cfg.z_layer)
+    z_name = cfg.locate.layer_module.format(cfg.z_layer)
     stop = z_name if read_z else names[max(names)]
     keys = {layer: None for layer in names}
     bare = {layer: None for layer in names}
     z_out = None
     n = len(requests)
-    for pb in subject_batches(tok, requests, templates, cfg.batch_size, model_device(model)):
+    for pb in subject_batches(tok, requests, templates, cfg.runtime.batch_size, model_device(model)):
         outs = [z_name] if read_z else []
         with Capture(model, inputs=list(names.values()), outputs=list(names.values()) + outs, stop_after=stop) as cap:
             forward_until(model, pb.batch)

@@ -86,11 +86,11 @@ def read_at_subject(model, tok, requests: Sequence[UnlearnRequest], cfg: Unlearn
     """
     n = len(requests)
     out = {t.layer: LayerReadings() for t in targets}
-    z_name = cfg.layer_module_tmp.format(cfg.z_layer)
+    z_name = cfg.locate.layer_module.format(cfg.z_layer)
     z_out = None
     deepest = max(targets, key=lambda t: t.layer)
 
-    for pb in subject_batches(tok, requests, templates, cfg.batch_size, model_device(model)):
+    for pb in subject_batches(tok, requests, templates, cfg.runtime.batch_size, model_device(model)):
         batch = pb.batch
         reader = _BatchReader(out, n, pb.pos, pb.req, pb.is_bare, pb.weight)
         handles = [model.register_forward_pre_hook(reader.record_shape, with_kwargs=True)]
@@ -219,19 +219,19 @@ def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: 
     K = K_f.to(dev, torch.float64)  # [d_in, N]
     b = bias.detach().to(dev, torch.float64) if bias is not None else None
     C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
-    X = stats.cross_moment(Wd, b, cfg.centered_cross_moment)  # [d, d_in]
+    X = stats.cross_moment(Wd, b, cfg.closed_form.centered_cross_moment)  # [d, d_in]
     V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
-    lam = cfg.regularization_lam
+    lam = cfg.closed_form.regularization
     Q, S, _ = torch.linalg.svd(Wd, full_matrices=False)  # Q [d, min(d, d_in)]
     Q = Q[:, S > S[0] * max(d, d_in) * torch.finfo(torch.float64).eps]  # [d, r] range(W)
     WtQ = Wd.t() @ Q  # [d_in, r]
-    M0 = cfg.mom2_update_weight_wk * C + lam * torch.eye(d_in, dtype=torch.float64, device=dev)  # [d_in, d_in]
+    M0 = cfg.closed_form.corpus_weight_k * C + lam * torch.eye(d_in, dtype=torch.float64, device=dev)  # [d_in, d_in]
     Bq0 = WtQ.t() @ M0 @ WtQ  # Qᵀ B₀ Q   [r, r]
     Vq = WtQ.t() @ K  # Qᵀ W K_f   [r, N]
     lam_fk, lam_fv = _forget_weights(0.5 * (Bq0 + Bq0.t()), Vq, cfg)
     M = M0 + lam_fk * (K @ K.t())  # [d_in, d_in]
-    Y = Projector(U.to(dev, torch.float64), cfg.projector_eps).apply(
-        cfg.mom2_update_weight_wv * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
+    Y = Projector(U.to(dev, torch.float64), cfg.representation.projector_eps).apply(
+        cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
     Bq = WtQ.t() @ M @ WtQ  # Qᵀ B Q   [r, r]
     Aq = Y @ WtQ  # A Q   [d, r]
     Bq = 0.5 * (Bq + Bq.t())
@@ -347,8 +347,8 @@ def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, 
                             factor, info = gd_update(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg,
                                                      bias=c.bias, trace=trace)
                     else:
-                        lam = {"mom2_update_weight_wk": cfg.mom2_update_weight_wk * p.weight,
-                               "mom2_update_weight_wv": cfg.mom2_update_weight_wv * p.weight}
+                        lam = {"mom2_update_weight_wk": cfg.closed_form.corpus_weight_k * p.weight,
+                               "mom2_update_weight_wv": cfg.closed_form.corpus_weight_v * p.weight}
                         solve = multiplier if c.d_in >= c.d else narrow_multiplier
                         info = {}
                         factor = solve(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg.replace(**lam),

@@ -51,7 +51,7 @@ from ..model import (
 )
 from ..requests import UnlearnRequest
 
-# Prompts are padded per length bucket (at most cfg.targets_length_buckets forwards per step); one more
+# Prompts are padded per length bucket (at most cfg.targets.length_buckets forwards per step); one more
 # bucket only if it saves at least this share of the padded tokens (the prompts of one request differ
 # in length by the context templates, so one padded batch wastes ~40% of its tokens on the small model).
 BUCKET_MIN_GAIN = 0.1
@@ -268,12 +268,12 @@ def optimize_deltas(
     progress: bool | None = None,
 ) -> DeltaResult:
     """Optimise δ toward ``target_ids[i]`` for request i, added at the output of decoder layer ``layer``,
-    or (``at_module``) at the output of the edited module ``cfg.rewrite_module_tmp.format(layer)``."""
-    progress = cfg.progress if progress is None else progress
+    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``."""
+    progress = cfg.runtime.progress if progress is None else progress
     parts = []
-    n_chunks = (len(requests) + cfg.targets_batch_size - 1) // cfg.targets_batch_size
+    n_chunks = (len(requests) + cfg.targets.batch_size - 1) // cfg.targets.batch_size
     for c in range(n_chunks):
-        sl = slice(c * cfg.targets_batch_size, (c + 1) * cfg.targets_batch_size)
+        sl = slice(c * cfg.targets.batch_size, (c + 1) * cfg.targets.batch_size)
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl],
                                      label, progress, at_module))
@@ -323,12 +323,12 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
     batch = padded_batch(tok, ids, device)
     # δ is added at the output of ``inject`` (a decoder layer, or the edited module inside layer ``layer``);
     # everything below ``fixed_layer`` (a decoder layer index, −1: none) is the same at every step.
-    inject = cfg.rewrite_module_tmp.format(layer) if at_module else cfg.layer_module_tmp.format(layer)
+    inject = cfg.locate.rewrite_module.format(layer) if at_module else cfg.locate.layer_module.format(layer)
     fixed_layer = layer - 1 if at_module else layer
-    fixed_name = cfg.layer_module_tmp.format(fixed_layer) if fixed_layer >= 0 else None
-    n_layers = layer_count(model, cfg.layer_module_tmp)
-    loss_layer = max(cfg.v_loss_layer, layer) if cfg.v_loss_layer is not None else n_layers - 1
-    loss_name = cfg.layer_module_tmp.format(loss_layer) if loss_layer < n_layers - 1 else None
+    fixed_name = cfg.locate.layer_module.format(fixed_layer) if fixed_layer >= 0 else None
+    n_layers = layer_count(model, cfg.locate.layer_module)
+    loss_layer = max(cfg.targets.loss_layer, layer) if cfg.targets.loss_layer is not None else n_layers - 1
+    loss_name = cfg.locate.layer_module.format(loss_layer) if loss_layer < n_layers - 1 else None
 
     lengths = batch["attention_mask"].sum(1)  # [S] (right-padded)
 
@@ -349,17 +349,17 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         del clean
 
         delta = torch.zeros(n_req, h_init.shape[-1], device=base.device, dtype=torch.float32, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=cfg.v_lr)
+        opt = torch.optim.Adam([delta], lr=cfg.targets.lr)
         active = torch.ones(n_req, dtype=torch.bool, device=base.device)
         steps = torch.zeros(n_req, dtype=torch.long, device=base.device)
         init_loss = final_loss = None
         kl_init = None  # [n_req, vocab]
-        max_norm = cfg.clamp_norm_factor * h_norm
+        max_norm = cfg.targets.clamp * h_norm
         full = _Rows(batch, base, lengths, seq_req, subj_pos, tgt_seq, tgt_pos, tgt_tok, tgt_w, tgt_req,
                      kl_seq, kl_pos, torch.arange(n_req, device=device))
         # Each step forwards the active requests' prompts in length buckets (less padding); converged
         # requests leave the batch (their prompts are no longer forwarded).
-        buckets = full.buckets(active, cfg.targets_length_buckets)
+        buckets = full.buckets(active, cfg.targets.length_buckets)
 
         def forward(rows: _Rows, skip_below: bool) -> tuple[torch.Tensor, torch.Tensor]:
             def add_to(out: torch.Tensor) -> torch.Tensor:
@@ -368,22 +368,22 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             with contextlib.ExitStack() as stack:
                 if at_module:
                     if fixed_name is not None and skip_below:  # layers below `layer` replaced by their output
-                        stack.enter_context(inject_at_layer(model, cfg.layer_module_tmp, fixed_layer, rows.base,
+                        stack.enter_context(inject_at_layer(model, cfg.locate.layer_module, fixed_layer, rows.base,
                                                             lambda: 0.0, tuple_len, True))
                     stack.enter_context(_add_at_module_output(model, inject, add_to))
                 else:
-                    stack.enter_context(inject_at_layer(model, cfg.layer_module_tmp, layer, rows.base,
+                    stack.enter_context(inject_at_layer(model, cfg.locate.layer_module, layer, rows.base,
                                                         lambda: add_to(rows.base), tuple_len, skip_below))
                 loss_out = stack.enter_context(_KeepOutput(model, loss_name)) if loss_name else None
-                head = stack.enter_context(_HeadInput(model, cfg.lm_head_module))
+                head = stack.enter_context(_HeadInput(model, cfg.locate.lm_head))
                 forward_until(model, rows.batch)
                 if head.hidden is None:
-                    raise ZuFastError(f"LM head {cfg.lm_head_module!r} was not called by the forward")
+                    raise ZuFastError(f"LM head {cfg.locate.lm_head!r} was not called by the forward")
                 if loss_name is None:
                     logits_t = head.logits_at(rows.tgt_seq, rows.tgt_pos)  # [P', vocab]
                 else:  # the reference's v_loss_layer below the top: ln_f(h_loss) through the LM head
                     h = loss_out.value[rows.tgt_seq, rows.tgt_pos]
-                    logits_t = head.head(get_module(model, cfg.ln_f_module)(h)).float()
+                    logits_t = head.head(get_module(model, cfg.locate.final_norm)(h)).float()
                 logp_t = torch.log_softmax(logits_t, -1)  # [P', vocab]
                 logp_kl = torch.log_softmax(head.logits_at(rows.kl_seq, rows.kl_pos), -1)  # [n', vocab]
             return logp_t, logp_kl
@@ -403,9 +403,9 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             return nll, logp_kl_all
 
         skip_below = True
-        bar = tqdm(total=cfg.v_num_grad_steps, desc=f"zu_fast {desc}", disable=not progress, leave=False)
+        bar = tqdm(total=cfg.targets.steps, desc=f"zu_fast {desc}", disable=not progress, leave=False)
         try:
-            for it in range(cfg.v_num_grad_steps):
+            for it in range(cfg.targets.steps):
                 try:
                     nll, logp_kl = losses(skip_below)
                 except ZuFastError:
@@ -420,17 +420,17 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                 if kl_init is None:
                     kl_init = logp_kl.detach()  # the first step forwards every request
                 kl = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)  # KL(current ‖ initial)   [n_req]
-                wd = cfg.v_weight_decay * delta.norm(dim=1) / h_norm**2
-                loss = nll + cfg.kl_factor * kl + wd  # [n_req]; meaningful on the active rows only
+                wd = cfg.targets.weight_decay * delta.norm(dim=1) / h_norm**2
+                loss = nll + cfg.targets.kl_factor * kl + wd  # [n_req]; meaningful on the active rows only
                 ld = loss.detach()
                 if init_loss is None:
                     init_loss = ld.clone()
                     final_loss = ld.clone()
                 final_loss = torch.where(active, ld, final_loss)
-                active = active & (ld >= cfg.v_early_stop_loss)
+                active = active & (ld >= cfg.targets.stop_loss)
                 bar.set_postfix(loss=f"{final_loss.mean().item():.3f}", active=int(active.sum()))
                 bar.update(1)
-                if not bool(active.any()) or it == cfg.v_num_grad_steps - 1:
+                if not bool(active.any()) or it == cfg.targets.steps - 1:
                     break
                 opt.zero_grad(set_to_none=True)
                 loss[active].sum().backward()  # row i's gradient = its own run's gradient
@@ -443,7 +443,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                     delta.mul_(scale[:, None])
                 steps += active.long()
                 if int(active.sum()) < sum(r.kl_req.numel() for r in buckets):
-                    buckets = full.buckets(active, cfg.targets_length_buckets)  # the converged requests leave the batch
+                    buckets = full.buckets(active, cfg.targets.length_buckets)  # the converged requests leave the batch
         finally:
             bar.close()
     if init_loss is None:
@@ -463,19 +463,19 @@ def retry_unreached(
     *,
     desc: str = "targets",
 ) -> tuple[DeltaResult, int, int]:
-    """Give the requests whose target loss stayed above ``cfg.target_warn_loss`` a second optimisation, from
-    scratch, with the clamp radius widened ``cfg.target_retry_clamp`` times and twice the steps; keep a row's
+    """Give the requests whose target loss stayed above ``cfg.targets.warn_loss`` a second optimisation, from
+    scratch, with the clamp radius widened ``cfg.targets.retry_clamp`` times and twice the steps; keep a row's
     retry when its loss is lower. Returns (result, retried, improved).
 
     Why: on the small models a few subjects' neutral target lies outside the ball ‖δ‖ ≤ clamp·‖h‖ (their
     loss stalls at 4–7 while the rest reach 0.05), and those are most of what the edit fails to forget
     (benchmarks/RESULTS.md); widening the ball for those rows only leaves every other row as it was.
     """
-    factor = cfg.target_retry_clamp
-    bad = (res.final_loss > cfg.target_warn_loss).nonzero().flatten().tolist()
+    factor = cfg.targets.retry_clamp
+    bad = (res.final_loss > cfg.targets.warn_loss).nonzero().flatten().tolist()
     if not factor or factor <= 1.0 or not bad:
         return res, 0, 0
-    wide = cfg.replace(clamp_norm_factor=cfg.clamp_norm_factor * factor, v_num_grad_steps=2 * cfg.v_num_grad_steps)
+    wide = cfg.replace(clamp_norm_factor=cfg.targets.clamp * factor, v_num_grad_steps=2 * cfg.targets.steps)
     again = optimize_deltas(model, tok, [requests[i] for i in bad], wide, templates, layer,
                             [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)")
     delta, final, steps = res.delta.clone(), res.final_loss.clone(), res.steps.clone()

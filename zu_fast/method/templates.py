@@ -16,17 +16,17 @@ from ..stats.store import cache_root
 @torch.no_grad()
 def generate_context_templates(model, tok, cfg: UnlearnConfig) -> list[list[str]]:
     """``[["{}"], ["<generation>. {}", ...]]``: one generation of ``context_template_length``
-    tokens per prompt in ``cfg.context_template_prompts`` (top-5 sampling from a seeded generator,
+    tokens per prompt in ``cfg.templates.prompts`` (top-5 sampling from a seeded generator,
     as the reference does, so the result is deterministic), braces removed so the generations
     cannot interfere with ``str.format``.
     """
-    if cfg.context_template_length <= 0 or not cfg.context_template_prompts:
+    if cfg.templates.length <= 0 or not cfg.templates.prompts:
         return [["{}"]]
     device = model_device(model)
-    gen = torch.Generator(device="cpu").manual_seed(cfg.context_template_seed)
-    seqs = encode_prompts(tok, cfg.context_template_prompts)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.templates.seed)
+    seqs = encode_prompts(tok, cfg.templates.prompts)
     bad = {tok.eos_token_id, tok.pad_token_id, getattr(tok, "bos_token_id", None)} - {None}
-    for _ in range(cfg.context_template_length):
+    for _ in range(cfg.templates.length):
         batch = padded_batch(tok, seqs, device)
         logits = model(**batch, use_cache=False).logits  # [n, T, vocab]
         last = batch["attention_mask"].sum(1) - 1
@@ -47,9 +47,9 @@ def context_templates(model, tok, cfg: UnlearnConfig, cache: bool = True) -> lis
     """Context templates for this model, generated once and cached on disk (keyed by weights + settings)."""
     key_src = json.dumps({
         "model": model_fingerprint(model),
-        "prompts": cfg.context_template_prompts,
-        "length": cfg.context_template_length,
-        "seed": cfg.context_template_seed,
+        "prompts": cfg.templates.prompts,
+        "length": cfg.templates.length,
+        "seed": cfg.templates.seed,
     }, sort_keys=True)
     path = cache_root() / "context_templates" / (hashlib.sha256(key_src.encode()).hexdigest()[:24] + ".json")
     if cache and path.exists():

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import time
-import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -53,35 +50,20 @@ class _Clock:
         return {f"cuda:{i}": int(torch.cuda.max_memory_allocated(i)) for i in self.cuda}
 
 
-def _flag(report, kind: str, message: str, **numbers: Any) -> None:
-    """Record a problem in ``report.flags`` and say it now (a warning carrying the numbers)."""
-    report.flags.append({"kind": kind, "message": message, **numbers})
-    warnings.warn(f"zu_fast: {message}", stacklevel=_caller_level())
-
-
-def _caller_level() -> int:
-    """warnings.warn's stacklevel of the first frame outside the zu_fast package (the user's call)."""
-    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(pkg + os.sep):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
 def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.Tensor, cfg: UnlearnConfig) -> None:
-    """Flag the requests whose target optimisation ended above ``cfg.target_warn_loss``."""
-    bad = (final_loss > cfg.target_warn_loss).nonzero().flatten().tolist()
+    """Flag the requests whose target optimisation ended above ``cfg.targets.warn_loss``."""
+    bad = (final_loss > cfg.targets.warn_loss).nonzero().flatten().tolist()
     if not bad:
         return
     shown = ", ".join(f"{reqs[i].describe()} loss {float(final_loss[i]):.3g}" for i in bad[:5])
     more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-    _flag(report, "target_not_converged",
+    report.flag("target_not_converged",
           f"the target optimisation did not reach the neutral target for {len(bad)} of {len(reqs)} requests "
-          f"(final loss > target_warn_loss={cfg.target_warn_loss:g}): {shown}{more}; those may not be forgotten "
+          f"(final loss > target_warn_loss={cfg.targets.warn_loss:g}): {shown}{more}; those may not be forgotten "
           "(more v_num_grad_steps, a larger clamp_norm_factor or target_retry_clamp, or another neutral_target can "
           "help)",
           requests=[reqs[i].case_id for i in bad], losses=[float(final_loss[i]) for i in bad],
-          limit=cfg.target_warn_loss)
+          limit=cfg.targets.warn_loss)
 
 
 def z_targets(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, templates, neutral: Sequence[int],
@@ -99,7 +81,7 @@ def z_targets(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, te
         "z_loss_final": float(z_res.final_loss.mean()),
         "z_loss_final_max": float(z_res.final_loss.max()),
         "z_steps_mean": float(z_res.steps.float().mean()),
-        "z_converged_frac": float((z_res.final_loss < cfg.v_early_stop_loss).float().mean()),
+        "z_converged_frac": float((z_res.final_loss < cfg.targets.stop_loss).float().mean()),
     }
     _flag_unconverged(report, reqs, z_res.final_loss, cfg)
     return z_res.target
@@ -112,13 +94,13 @@ def original_basis(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfi
     optimisation's numbers for the report. ``clean``  # [N, d]: the module's clean outputs, used as they are
     (``original_representation="clean"``) or as the start of the optimisation with δ at the module output."""
     R_orig, info = clean, {}
-    if cfg.original_representation == "optimized":
+    if cfg.representation.source == "optimized":
         res = optimize_deltas(model, tok, reqs, cfg, templates, layer, true_ids, at_module=True,
                               desc=f"original repr. layer {layer}")
         R_orig = res.target.to(clean.device)
         info = {"orig_delta_rel": float((res.delta.norm(dim=1) / res.h_init.norm(dim=1).clamp_min(1e-12)).mean()),
                 "orig_steps_mean": float(res.steps.float().mean())}
-    return representation_basis(R_orig.t().to(device), cfg.basis_rtol), info
+    return representation_basis(R_orig.t().to(device), cfg.representation.basis_rtol), info
 
 
 def _check_gap(report, z: torch.Tensor, h0: torch.Tensor, after: torch.Tensor, cfg: UnlearnConfig) -> None:
@@ -130,20 +112,20 @@ def _check_gap(report, z: torch.Tensor, h0: torch.Tensor, after: torch.Tensor, c
     gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
     closed = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
     report.targets["z_gap_closed"] = closed
-    if closed >= cfg.min_gap_closed:
+    if closed >= cfg.safety.min_gap_closed:
         return
     lev = [row["leverage_mean"] for row in report.layers.values() if "leverage_mean" in row]
     why = ""
-    if lev and cfg.forget_leverage is None:
+    if lev and cfg.closed_form.forget_leverage is None:
         why = (f"; the closed form realised {min(lev):.0%}–{max(lev):.0%} of the residual per layer against the "
                "corpus term (set forget_leverage, e.g. 0.7, or raise the forget weights)")
     elif lev:
         why = (f"; at leverage {min(lev):.0%}–{max(lev):.0%} per layer the projector and the other requests take "
                "the rest: too many requests for this model's width (method='gd' edits in the keys' null space)")
-    _flag(report, "target_not_reached",
+    report.flag("target_not_reached",
           f"the edit moved the z layer's output only {closed:.0%} of the way to the targets (limit "
-          f"min_gap_closed={cfg.min_gap_closed:g}){why}; the requests may not be forgotten",
-          z_gap_closed=closed, limit=cfg.min_gap_closed)
+          f"min_gap_closed={cfg.safety.min_gap_closed:g}){why}; the requests may not be forgotten",
+          z_gap_closed=closed, limit=cfg.safety.min_gap_closed)
 
 
 def _apply_and_record(edit: Edit, report, clock: _Clock, key: int, target: Any, factor: torch.Tensor, row: dict,
@@ -160,12 +142,12 @@ def _apply_and_record(edit: Edit, report, clock: _Clock, key: int, target: Any, 
                                 if before is not None else _rel_change_bound(edit, key, w_norm))
     row.update({k: float(v) for k, v in info.items()})
     report.layers[key] = row
-    if row["rel_weight_change"] > cfg.max_rel_weight_change:
-        _flag(report, "large_weight_change",
+    if row["rel_weight_change"] > cfg.safety.max_rel_weight_change:
+        report.flag("large_weight_change",
               f"{where}: the edit moved {target.name} by {row['rel_weight_change']:.3g} of its norm "
-              f"(limit max_rel_weight_change={cfg.max_rel_weight_change:g}); check the requests and the "
+              f"(limit max_rel_weight_change={cfg.safety.max_rel_weight_change:g}); check the requests and the "
               "statistics, or restore() the edit",
-              layer=key, rel_weight_change=row["rel_weight_change"], limit=cfg.max_rel_weight_change)
+              layer=key, rel_weight_change=row["rel_weight_change"], limit=cfg.safety.max_rel_weight_change)
 
 
 def _rel_change_bound(edit: Edit, layer: int, w_norm: float) -> float:
@@ -186,17 +168,18 @@ def _checked_config(model: torch.nn.Module, config: UnlearnConfig | None) -> Unl
         raise ZuFastError(f"config must be an UnlearnConfig (UnlearnConfig.from_dict(...) reads a dict), "
                           f"got {type(config).__name__}")
     config.validate()
-    head = get_module(model, config.lm_head_module)
+    head = get_module(model, config.locate.lm_head)
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if emb is not None and head is emb:
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if out is None or getattr(out, "weight", None) is not emb.weight:
-            raise ZuFastError(f"lm_head_module {config.lm_head_module!r} is the input embedding and this model's "
+            raise ZuFastError(f"lm_head_module {config.locate.lm_head!r} is the input embedding and this model's "
                               "output layer does not share its weight; set lm_head_module to the output layer")
         name = next(n for n, mod in model.named_modules() if mod is out)
         config = config.replace(lm_head_module=name)
-    if config.v_loss_layer is not None and config.v_loss_layer < layer_count(model, config.layer_module_tmp) - 1:
-        get_module(model, config.ln_f_module)  # read only then: a clear error now rather than mid-way
+    loss_layer = config.targets.loss_layer
+    if loss_layer is not None and loss_layer < layer_count(model, config.locate.layer_module) - 1:
+        get_module(model, config.locate.final_norm)  # read only then: a clear error now rather than mid-way
     return config
 
 
@@ -219,13 +202,13 @@ def _check_before_work(model: torch.nn.Module, tok, reqs: Sequence[UnlearnReques
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ZuFastError(f"the model's weights contain NaN/Inf: {', '.join(bad[:3])}{more}; the model is broken "
                           "(a failed load or an overflowed fine-tune?); nothing was changed")
-    check_lengths(list(reqs), tok, max_positions(model), reserve=cfg.context_template_length + 4)
+    check_lengths(list(reqs), tok, max_positions(model), reserve=cfg.templates.length + 4)
 
 
 @contextlib.contextmanager
 def _gd_progress(cfg: UnlearnConfig, layer: int) -> Iterator[list[float]]:
     """A progress bar over the GD steps of one layer, fed by gd_update's loss trace (a list it appends to)."""
-    bar = tqdm(total=int(cfg.gd_steps), desc=f"zu_fast GD layer {layer}", unit="step", disable=not cfg.progress,
+    bar = tqdm(total=int(cfg.gd.steps), desc=f"zu_fast GD layer {layer}", unit="step", disable=not cfg.runtime.progress,
                leave=False)
 
     class _Trace(list):
@@ -268,7 +251,7 @@ def unlearn(
     """
     cfg = _checked_config(model, config)
     reqs = normalize_requests(requests)
-    targets = edit_targets(model, cfg)
+    targets = edit_targets(model, cfg.layers, cfg.locate)
     _check_before_work(model, tok, reqs, cfg)  # everything cheap, before statistics or any change
     if stats is None:
         if corpus is None:

@@ -2,12 +2,13 @@
 
 from .fingerprint import model_fingerprint, tensor_fingerprint
 from .hooks import Capture, StopForward, forward_until, inject_at_layer
-from .locate import EditTarget, edit_targets, get_module, layer_count, model_device
+from .locate import EditTarget, Locate, edit_targets, get_module, layer_count, model_device
 from .tokens import continuation_ids, encode_prompts, padded_batch, subject_spans, subject_token_ranges
 
 __all__ = [
     "Capture",
     "EditTarget",
+    "Locate",
     "StopForward",
     "continuation_ids",
     "edit_targets",

@@ -24,8 +24,31 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import UnlearnConfig
 from ..errors import ZuFastError
+
+
+@dataclass
+class Locate:
+    """Where the edit lives on the model: module name templates, ``{}`` standing for the layer index.
+
+    The ``locate`` section of ``UnlearnConfig`` (defined here, where it is used, so that the model layer
+    needs nothing from the config layer above it).
+    """
+
+    rewrite_module: str = "model.layers.{}.mlp.down_proj"  # the edited linear map W: k → v (rewrite_module_tmp)
+    layer_module: str = "model.layers.{}"  # decoder layer; z lives at the last edited one's output
+    lm_head: str = "lm_head"
+    final_norm: str = "model.norm"  # used only when targets.loss_layer is below the last layer (ln_f_module)
+
+    def validate(self) -> None:
+        for name in ("rewrite_module", "layer_module"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or "{}" not in value:
+                raise ZuFastError(f"config.locate.{name}={value!r} must contain '{{}}' for the layer")
+        for name in ("lm_head", "final_norm"):
+            if not isinstance(getattr(self, name), str):
+                raise ZuFastError(f"config.locate.{name} must be a module name, got {getattr(self, name)!r}")
+
 
 _SLICE = re.compile(r"^(?P<owner>.+)\.(?P<attr>[A-Za-z_][A-Za-z0-9_]*)\[(?P<index>\d+)\]$")
 
@@ -463,9 +486,9 @@ def _mlp_output_in(layer: nn.Module) -> str | None:
 # ------------------------------------------------------------------ the edit targets ------
 
 
-def edit_targets(model: nn.Module, cfg: UnlearnConfig, *,
+def edit_targets(model: nn.Module, layers: list[int], locate: Locate, *,
                  allow_offloaded: bool = False) -> list[EditTarget | MoETarget]:
-    """The edit targets of ``cfg.layers``, validating layer range and module kind.
+    """The edit targets of ``layers`` (modules ``locate.rewrite_module``), validating layer range and module kind.
 
     A dense layer gives an :class:`EditTarget` (nn.Linear or Conv1D); a mixture-of-experts block (or
     its fused experts) a :class:`MoETarget`; a dense MLP module named in place of its output
@@ -475,17 +498,17 @@ def edit_targets(model: nn.Module, cfg: UnlearnConfig, *,
     reading their inputs (statistics) works, but the edit writes weights in place, so ``unlearn``
     requires the edited modules to be resident and refuses offloaded ones with a clear error.
     """
-    n_layers = layer_count(model, cfg.layer_module_tmp)
+    n_layers = layer_count(model, locate.layer_module)
     if n_layers == 0:
         raise ZuFastError(
-            f"layer_module_tmp {cfg.layer_module_tmp!r} matched nothing in {type(model).__name__}; "
+            f"layer_module_tmp {locate.layer_module!r} matched nothing in {type(model).__name__}; "
             "set it (and rewrite_module_tmp) for this architecture"
         )
     out: list[EditTarget | MoETarget] = []
-    for layer in cfg.layers:
+    for layer in layers:
         if not 0 <= layer < n_layers:
             raise ZuFastError(f"layer {layer} out of range: the model has layers 0..{n_layers - 1}")
-        name = cfg.rewrite_module_tmp.format(layer)
+        name = locate.rewrite_module.format(layer)
         mod = get_module(model, name)
         if isinstance(mod, nn.Linear):
             transposed = False
@@ -494,9 +517,9 @@ def edit_targets(model: nn.Module, cfg: UnlearnConfig, *,
         else:
             moe = moe_target(model, layer, name, mod)
             if moe is not None:
-                _check_resident(moe.experts, "down_proj", layer, moe.experts_name, cfg, allow_offloaded)
+                _check_resident(moe.experts, "down_proj", layer, moe.experts_name, locate, allow_offloaded)
                 if moe.shared is not None:
-                    _check_resident(moe.shared.module, "weight", layer, moe.shared.name, cfg, allow_offloaded)
+                    _check_resident(moe.shared.module, "weight", layer, moe.shared.name, locate, allow_offloaded)
                 out.append(moe)
                 continue
             inner = next((o for o in _MLP_OUTPUTS if isinstance(getattr(mod, o, None), nn.Linear)), None)
@@ -506,12 +529,12 @@ def edit_targets(model: nn.Module, cfg: UnlearnConfig, *,
                     "Conv1D modules (the MLP's output projection) and fused mixture-of-experts blocks"
                 )
             name, mod, transposed = f"{name}.{inner}", getattr(mod, inner), False
-        _check_resident(mod, "weight", layer, name, cfg, allow_offloaded)
+        _check_resident(mod, "weight", layer, name, locate, allow_offloaded)
         out.append(EditTarget(layer, name, mod, transposed))
     return out
 
 
-def _check_resident(mod: nn.Module, attr: str, layer: int, name: str, cfg: UnlearnConfig,
+def _check_resident(mod: nn.Module, attr: str, layer: int, name: str, locate: Locate,
                     allow_offloaded: bool) -> None:
     """Refuse a weight on the meta device (not loaded), and, unless allowed, one accelerate offloads."""
     if getattr(mod, attr).device.type != "meta":
@@ -525,7 +548,7 @@ def _check_resident(mod: nn.Module, attr: str, layer: int, name: str, cfg: Unlea
         raise ZuFastError(
             f"layer {layer}: {name!r} is offloaded by accelerate (its weight lives in the offload hook's "
             "weights map and is materialised only during its forward); zu_fast edits weights in place, so "
-            f"the edited layers must be resident: keep {cfg.layer_module_tmp.format(layer)!r} on a device "
+            f"the edited layers must be resident: keep {locate.layer_module.format(layer)!r} on a device "
             "in the device_map (e.g. device_map[...] = 0 or 'cpu', not 'disk' and outside cpu_offload). "
             "collect_stats works with offloaded layers."
         )

@@ -19,19 +19,18 @@ from tqdm.auto import tqdm
 from .. import ops
 from ..atomic import check_target
 from ..config import UnlearnConfig
+from ..config.keys import STATS_SETTINGS
 from ..errors import StaleStatsError, ZuFastError
-from ..model import StopForward, edit_targets, forward_until, model_device, model_fingerprint, padded_batch
+from ..model import StopForward, edit_targets, forward_until, model_device, padded_batch
 from ..model.hooks import match_token_mask
 from ..model.locate import MoETarget
+from ..provenance import stats_model_fingerprint
 from ..requests import max_positions
 from . import distributed as dist_stats
 from . import moe as moe_stats
 from .corpus import corpus_fingerprint, read_corpus
 from .moments import LayerStats, finalize, new_layer_stats
 from .store import cache_root, load_stats, model_info, save_stats, stats_key
-
-# Results depend on these settings (the token-per-batch budget only changes summation order).
-_SETTINGS = ("rewrite_module_tmp", "stats_mode", "stats_max_length", "stats_token_budget", "mom2_n_samples")
 
 
 @dataclass
@@ -55,18 +54,11 @@ class CorpusStats:
         return layer in self.layers
 
 
-def stats_model_fingerprint(model: torch.nn.Module, cfg: UnlearnConfig) -> str:
-    """Fingerprint of the weights the statistics depend on: embeddings and layers 0..max(layers)."""
-    prefixes = [cfg.layer_module_tmp.format(i) + "." for i in range(max(cfg.layers) + 1)]
-    emb = model.get_input_embeddings()
-    for name, mod in model.named_modules():
-        if mod is emb:
-            prefixes.append(name + ".")
-    return model_fingerprint(model, prefixes)
-
-
 def _settings(cfg: UnlearnConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in _SETTINGS} | {"layers": list(cfg.layers)}
+    """What the statistics depend on (the token-per-batch budget only changes summation order), under the flat
+    names every cache on disk was keyed with (``config.keys.STATS_SETTINGS``)."""
+    flat = cfg.to_flat()
+    return {k: flat[k] for k in STATS_SETTINGS} | {"layers": list(cfg.layers)}
 
 
 def _max_length(model, cfg: UnlearnConfig) -> int:
@@ -74,7 +66,7 @@ def _max_length(model, cfg: UnlearnConfig) -> int:
     (``max_position_embeddings`` / ``n_positions``: longer inputs index past GPT-2's position table and
     put rotary models where they were never trained)."""
     limit = max_positions(model)
-    return min(cfg.stats_max_length, limit) if limit else cfg.stats_max_length
+    return min(cfg.stats.max_length, limit) if limit else cfg.stats.max_length
 
 
 def _batches(tok, texts: list[str], max_length: int, batch_tokens: int, window: int = 512):
@@ -119,14 +111,14 @@ def collect_stats(
     if isinstance(model, (str, os.PathLike)):
         model, tok, config = _load_from_path(model, tok, config, device)
     cfg = config or UnlearnConfig.for_model(model)
-    progress = cfg.progress if progress is None else progress
+    progress = cfg.runtime.progress if progress is None else progress
     rank, world = dist_stats.require_initialized() if distributed else (0, 1)
-    targets = edit_targets(model, cfg, allow_offloaded=True)  # statistics only read module inputs
-    texts = read_corpus(corpus, cfg.mom2_n_samples)
+    targets = edit_targets(model, cfg.layers, cfg.locate, allow_offloaded=True)  # statistics only read module inputs
+    texts = read_corpus(corpus, cfg.stats.n_samples)
     if not texts:
         raise ZuFastError("the corpus is empty: statistics need text")
     meta = {
-        "model_fingerprint": stats_model_fingerprint(model, cfg),
+        "model_fingerprint": stats_model_fingerprint(model, cfg.layers, cfg.locate),
         "corpus_fingerprint": corpus_fingerprint(texts),
         "settings": _settings(cfg),
         "model_info": model_info(model, targets),  # not in the key: says what differs on a refusal
@@ -144,7 +136,7 @@ def collect_stats(
 
     if distributed:
         layers, info = _collect(model, tok, dist_stats.shard(texts, rank, world), cfg, targets,
-                                progress and rank == 0, budget=dist_stats.shard_budget(cfg.stats_token_budget, world),
+                                progress and rank == 0, budget=dist_stats.shard_budget(cfg.stats.token_budget, world),
                                 reduce=True)
         info["world_size"] = world
     else:
@@ -181,7 +173,7 @@ def _exists(path: str) -> bool:
 @torch.no_grad()
 def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, budget: int | None = None,
              reduce: bool = False):
-    measured = cfg.stats_mode == "measured"
+    measured = cfg.stats.mode == "measured"
     acc: dict[int, LayerStats] = {}
     counters: dict[int, torch.Tensor] = {}
     for t in targets:
@@ -214,7 +206,7 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
             handles.append(t.module.register_forward_hook(make_hook(t.layer, t is deepest, t.name)))
     sketches = _Sketches(acc, counters)
     device = model_device(model)
-    budget = cfg.stats_token_budget if not reduce else budget
+    budget = cfg.stats.token_budget if not reduce else budget
     tokens = 0
     batches = 0
     t0 = time.perf_counter()
@@ -226,7 +218,7 @@ def _collect(model, tok, texts, cfg: UnlearnConfig, targets, progress: bool, *, 
     bar = tqdm(total=len(texts) if by_text else budget, disable=not progress, desc="zu_fast stats",
                unit="text" if by_text else "tok", unit_scale=not by_text)
     try:
-        for ids in _batches(tok, texts, max_length, cfg.stats_batch_tokens):
+        for ids in _batches(tok, texts, max_length, cfg.stats.batch_tokens):
             if budget is not None and tokens >= budget:
                 break
             batch = padded_batch(tok, ids, device)

@@ -80,7 +80,7 @@ def load_npz_stats(path: str | os.PathLike, layer: int, config: UnlearnConfig | 
                                   "over the same tokens")
             ks = mean * n  # Σ k   [d] fp64
         else:
-            if cfg.centered_cross_moment:
+            if cfg.closed_form.centered_cross_moment:
                 raise ZuFastError(
                     f"{path} has no mean (collected with to_collect=['mom2'] only). The reference's centred "
                     "cross moment X = W (C − μ_k μ_kᵀ) n/(n−1), zu_fast's default, needs the mean key μ_k: "

@@ -11,7 +11,7 @@ Statistics passed to ``unlearn(stats=...)`` by hand are checked by :func:`check_
 - with ``meta["model_fingerprint"]`` (everything ``collect_stats`` returns or loads): they must
   match the model's weights up to their deepest layer — or, for a model edited by zu_fast in this
   session (sequential unlearning), the weights the edit stack started from (see
-  ``zu_fast.edit.stack_base_fingerprint``);
+  ``zu_fast.provenance.stack_base_fingerprint``);
 - without it (LayerStats built by hand, ``zu_fast.stats.npz`` / ``compat`` imports): accepted as
   given — the caller vouches for them; ``model_fingerprint`` is what makes statistics checkable.
 """
@@ -28,6 +28,8 @@ import torch
 
 from ..atomic import WRITE_ID, read_json, read_tensors, write_folder
 from ..errors import StaleStatsError, ZuFastError
+from ..model import edit_targets
+from ..provenance import stack_base_fingerprint, stats_model_fingerprint
 from .moments import LayerStats
 
 FORMAT_VERSION = 1
@@ -166,9 +168,6 @@ def check_stats_for_model(model: torch.nn.Module, cfg, stats) -> str:
     Also checks that they cover every layer of ``cfg.layers`` and the same module. Cheap next to the
     work it guards (one fingerprint of the layers up to the deepest edited one).
     """
-    from ..edit import stack_base_fingerprint
-    from .collect import stats_model_fingerprint
-
     meta = stats.meta or {}
     where = f"statistics in {stats.path}" if getattr(stats, "path", None) else "the statistics passed in"
     missing = [layer for layer in cfg.layers if layer not in stats.layers]
@@ -177,21 +176,19 @@ def check_stats_for_model(model: torch.nn.Module, cfg, stats) -> str:
                           f"config.layers = {list(cfg.layers)}")
     settings = meta.get("settings") or {}
     module = settings.get("rewrite_module_tmp")
-    if module is not None and module != cfg.rewrite_module_tmp:
-        raise StaleStatsError(f"{where} are of module {module!r}; the config edits {cfg.rewrite_module_tmp!r}")
+    if module is not None and module != cfg.locate.rewrite_module:
+        raise StaleStatsError(f"{where} are of module {module!r}; the config edits {cfg.locate.rewrite_module!r}")
     fp = meta.get("model_fingerprint")
     if fp is None:
         return "unchecked"
     layers = [int(x) for x in settings.get("layers") or sorted(stats.layers)]
     scfg = cfg.replace(layers=sorted(layers))
-    if stats_model_fingerprint(model, scfg) == fp:
+    if stats_model_fingerprint(model, scfg.layers, scfg.locate) == fp:
         return "model"
-    if stack_base_fingerprint(model, scfg) == fp:
+    if stack_base_fingerprint(model, scfg.layers, scfg.locate) == fp:
         return "base of the edit stack"
-    from ..model import edit_targets
-
     try:
-        targets = edit_targets(model, scfg, allow_offloaded=True)
+        targets = edit_targets(model, scfg.layers, scfg.locate, allow_offloaded=True)
     except ZuFastError:
         targets = None
     raise StaleStatsError(

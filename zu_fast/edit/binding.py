@@ -1,53 +1,38 @@
-"""Edit: the result of ``unlearn`` — restore, save, load, apply, report — and the per-model edit stack.
-
-An edit is a set of per-layer factors:
-- ``multiplicative`` (closed form): W ← D W, stored compactly as D − I  # [d, d] fp32. The live
-  edit applies exactly I + fp32(D − I) too, so ``Edit.load(dir).apply(model)`` reproduces the
-  live edit bit for bit on the same device and backend.
-- ``additive`` (GD variant): W ← W + ΔW, stored as ΔW  # [d, d_in] fp32.
-Files: ``factors.safetensors`` and ``edit.json`` (config, module names, dtype and shape of each edited
-weight, fingerprints of each edited weight before and after, a SHA-256 of each factor, report). No pickle.
+"""An edit bound to a model: apply (checked before and after), restore (bit-exact), remove, and the stack.
 
 What is guaranteed (README, "Safety"):
-- ``apply`` changes nothing until it has checked every layer: the module exists with the recorded
-  shape and dtype, the factors are finite and match their checksums, and the weights are the ones
-  the edit was made for (base fingerprint). After applying it checks the result (the recorded edited
-  fingerprint, bit for bit, on the device type and backend the edit was made with; elsewhere, or with
-  ``cast=True``, D·W₀ recomputed on sampled columns within the rounding of the weights' dtype); on
-  any mismatch it puts the weights back bit for bit and raises ZuFastError.
-- Edits applied to one model form a stack (``zu_fast.edits(model)``, oldest first). ``restore()``
-  of the top edit is bit-exact; of an edit below others it is refused, naming the edits above,
-  unless ``restore(out_of_order=True)``: the edits above are taken off (bit-exact), this one is
-  restored, and they are applied again to the weights without it (W = D_B D_A W₀ → D_B W₀), with a
-  warning, since they were computed for a model that still had it.
+- ``apply`` changes nothing until it has checked every layer: the module exists with the recorded shape and
+  dtype, the factors are finite and match their checksums, and the weights are the ones the edit was made for
+  (base fingerprint). After applying it checks the result (the recorded edited fingerprint, bit for bit, on the
+  device type and backend the edit was made with; elsewhere, or with ``cast=True``, D·W₀ recomputed on sampled
+  columns within the rounding of the weights' dtype); on any mismatch it puts the weights back bit for bit and
+  raises ZuFastError.
+- Edits applied to one model form a stack (``zu_fast.edits(model)``, oldest first, kept by
+  ``zu_fast.provenance``). ``restore()`` of the top edit is bit-exact; of an edit below others it is refused,
+  naming the edits above, unless ``restore(out_of_order=True)``: the edits above are taken off (bit-exact),
+  this one is restored, and they are applied again to the weights without it (W = D_B D_A W₀ → D_B W₀), with
+  a warning, since they were computed for a model that still had it.
 - An edit that was restored can be applied again (``apply`` after ``restore``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
-import time
-import uuid
 import warnings
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import __version__, ops
-from .atomic import WRITE_ID, read_json, read_tensors, write_folder
-from .config import UnlearnConfig
-from .errors import ZuFastError
-from .model import EditTarget, get_module, tensor_fingerprint
-from .model.locate import ExpertSlice, module_name
+from .. import ops
+from ..config import UnlearnConfig
+from ..errors import ZuFastError
+from ..model import EditTarget, get_module, tensor_fingerprint
+from ..model.locate import ExpertSlice, module_name
+from ..provenance import edits, stack
+from .file_format import load_edit, save_edit
+from .record import EditRecord
 
-FORMAT_VERSION = 2  # 2 adds id, dtype/shape per module, factor checksums, cast fingerprints, made_with
-FILES = ("factors.safetensors", "edit.json")
-_STACK_ATTR = "_zu_fast_edit_stack"  # a plain attribute on the model: not a parameter, buffer or module
 _CAST_DTYPES = (torch.bfloat16, torch.float16)  # fingerprints of fp32 weights rounded to these are kept
 
 
@@ -59,130 +44,6 @@ def apply_additive_(W: torch.Tensor, dW: torch.Tensor, chunk: int = 4096) -> Non
             blk.copy_(blk.float() + dW[:, j : j + chunk].to(blk.device, torch.float32))
 
 
-# ---------------------------------------------------------------------------------- the stack ------
-def _stack(model: torch.nn.Module) -> list[Edit]:
-    st = model.__dict__.get(_STACK_ATTR)
-    if st is None:
-        st = model.__dict__[_STACK_ATTR] = []
-    return st
-
-
-def edits(model: torch.nn.Module) -> list[Edit]:
-    """The zu_fast edits applied to ``model`` in this session, oldest first (the last is on top)."""
-    return list(model.__dict__.get(_STACK_ATTR) or [])
-
-
-@contextlib.contextmanager
-def _weights_swapped(params: dict[torch.nn.Parameter, torch.Tensor]) -> Iterator[None]:
-    """Point each parameter at another tensor for the block (a reference swap, no copy of the weights;
-    the original tensors are put back in ``finally``, so nothing changes even on an interrupt)."""
-    saved = {p: p.data for p in params}
-    try:
-        with torch.no_grad():
-            for p, t in params.items():
-                p.data = t
-        yield
-    finally:
-        with torch.no_grad():
-            for p, t in saved.items():
-                p.data = t
-
-
-def stack_base_fingerprint(model: torch.nn.Module, cfg: UnlearnConfig) -> str | None:
-    """``stats_model_fingerprint`` of the weights ``model`` had before its zu_fast edits, or None.
-
-    None when the model carries no edits, or when an edited weight is not what the top edit touching
-    it left (changed outside zu_fast: then the current weights are not "base + known edits" and nothing
-    can be vouched for). This is what lets sequential unlearning re-use the unedited model's statistics.
-    """
-    stack = edits(model)
-    if not stack:
-        return None
-    first: dict[tuple[int, int | None], tuple[Edit, int]] = {}  # (id(parameter), expert) → oldest edit, its key
-    last: dict[tuple[int, int | None], tuple[Edit, int]] = {}
-    params: dict[int, torch.nn.Parameter] = {}
-    for e in stack:
-        for layer, t in e._targets.items():
-            p, index = _parameter_of(t)
-            if p is None:
-                return None
-            params[id(p)] = p
-            first.setdefault((id(p), index), (e, layer))
-            last[(id(p), index)] = (e, layer)
-    originals: dict[torch.nn.Parameter, torch.Tensor] = {}
-    for key, (e, layer) in last.items():
-        t = e._targets[layer]
-        if tensor_fingerprint(t.module.weight.detach()) != e._applied_fp.get(layer):
-            return None  # changed since the top edit touching it: not base + known edits
-        e0, layer0 = first[key]
-        p, index = params[key[0]], key[1]
-        backup = e0._backups[layer0].to(p.device)
-        if index is None:
-            originals[p] = backup
-        else:  # one expert's slice of a fused [E, ...] parameter: a copy with the original slices
-            full = originals.get(p)
-            if full is None:
-                full = originals[p] = p.detach().clone()
-            full[index].copy_(backup)
-    from .stats.collect import stats_model_fingerprint
-
-    with _weights_swapped(originals):
-        return stats_model_fingerprint(model, cfg)
-
-
-def _parameter_of(t: EditTarget) -> tuple[torch.nn.Parameter | None, int | None]:
-    """The model parameter a target's weight lives in, and the expert index for a fused-experts slice."""
-    if isinstance(t.module, ExpertSlice):
-        p = getattr(t.module.owner, t.module.attr, None)
-        return (p, t.module.index) if isinstance(p, torch.nn.Parameter) else (None, None)
-    p = getattr(t.module, "weight", None)
-    return (p, None) if isinstance(p, torch.nn.Parameter) else (None, None)
-
-
-# ---------------------------------------------------------------------------------- report -------
-@dataclass
-class EditReport:
-    """Numbers from one unlearning run."""
-
-    n_requests: int = 0
-    layers: dict[int, dict[str, float]] = field(default_factory=dict)
-    targets: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
-    peak_memory_bytes: dict[str, int] = field(default_factory=dict)
-    # Problems found while editing (each also raised as a warning): {"kind", "message", numbers...};
-    # kinds: "target_not_converged", "large_weight_change".
-    flags: list[dict[str, Any]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "n_requests": self.n_requests,
-            "layers": {str(k): v for k, v in self.layers.items()},
-            "targets": self.targets,
-            "timings": self.timings,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "flags": self.flags,
-        }
-
-    def __str__(self) -> str:
-        lines = [f"zu_fast edit of {self.n_requests} requests"]
-        if self.targets:
-            lines.append("targets: " + ", ".join(f"{k} {v:.4g}" for k, v in self.targets.items()))
-        if self.layers:
-            keys = list(next(iter(self.layers.values())).keys())
-            lines.append("| layer | " + " | ".join(keys) + " |")
-            lines.append("|---" * (len(keys) + 1) + "|")
-            for layer, row in self.layers.items():
-                lines.append(f"| {layer} | " + " | ".join(f"{row[k]:.4g}" for k in keys) + " |")
-        if self.timings:
-            lines.append("time (s): " + ", ".join(f"{k} {v:.2f}" for k, v in self.timings.items()))
-        if self.peak_memory_bytes:
-            lines.append("peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in
-                                                    self.peak_memory_bytes.items()))
-        for f in self.flags:
-            lines.append(f"FLAG {f['kind']}: {f['message']}")
-        return "\n".join(lines)
-
-
 def _resolve(model: torch.nn.Module, info: dict[str, Any]) -> Any:
     """The module (or fused-experts slice) an edit's layer entry names, on ``model``."""
     ex = info.get("expert")
@@ -190,10 +51,6 @@ def _resolve(model: torch.nn.Module, info: dict[str, Any]) -> Any:
         return ExpertSlice(get_module(model, ex["owner"]), ex["attr"], int(ex["index"]), info["name"])
     return get_module(model, info["name"])
 
-
-def _sha256(t: torch.Tensor) -> str:
-    arr = t.detach().cpu().contiguous().numpy()
-    return hashlib.sha256(memoryview(arr).cast("B")).hexdigest()
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -203,36 +60,16 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return dt if isinstance(dt, torch.dtype) else None
 
 
-class Edit:
-    """Per-layer factors of an unlearning edit, optionally bound to the model they were applied to."""
+class Edit(EditRecord):
+    """An edit that can be bound to a model: applied, verified, restored (bit-exact), stacked."""
 
     def __init__(self, config: UnlearnConfig, kind: str = "multiplicative") -> None:
-        if kind not in ("multiplicative", "additive"):
-            raise ZuFastError(f"unknown edit kind {kind!r}")
-        self.config = config
-        self.kind = kind
-        self.id = uuid.uuid4().hex[:12]
-        self.factors: dict[int, torch.Tensor] = {}  # layer → D − I [d,d] or ΔW [d,d_in], fp32, CPU
-        # layer → {"name", "transposed", "dtype", "shape"} of the weight the edit was made for
-        self.modules: dict[int, dict[str, Any]] = {}
-        self.base_fingerprints: dict[int, str] = {}
-        self.edited_fingerprints: dict[int, str] = {}
-        self.cast_fingerprints: dict[int, dict[str, str]] = {}  # layer → {dtype: fingerprint of W₀ in it}
-        self.made_with: dict[str, str] = {}  # {"device_type", "backend"} of the live edit (exactness scope)
-        self.factor_sha256: dict[int, str] = {}  # set by save/load
-        self.source: str | None = None  # the folder it was loaded from
-        self.verification: dict[int, str] = {}  # layer → how apply() verified the result
-        self.report = EditReport()
+        super().__init__(config, kind)
         self.model: torch.nn.Module | None = None
-        self._backups: dict[int, torch.Tensor] = {}
-        self._targets: dict[int, EditTarget] = {}
-        self._applied_fp: dict[int, str] = {}  # fingerprints this application left (stack checks)
-
-    @property
-    def name(self) -> str:
-        """A short label for messages: id, kind, layers (and the folder it came from)."""
-        src = f" from {self.source}" if self.source else ""
-        return f"edit {self.id} ({self.kind}, layers {self.layers}{src})"
+        # bound state while applied (zu_fast.provenance.StackEntry)
+        self.backups: dict[int, torch.Tensor] = {}
+        self.bound_targets: dict[int, EditTarget] = {}
+        self.applied_fingerprints: dict[int, str] = {}  # fingerprints this application left (stack checks)
 
     # ------------------------------------------------------------------ building ---------
     def _attach(self, model: torch.nn.Module, targets: list[EditTarget]) -> None:
@@ -242,19 +79,19 @@ class Edit:
         backups = {}
         for t in targets:
             w = t.module.weight.detach()
-            backups[t.layer] = w.to(self.config.backup_device or w.device, copy=True)
+            backups[t.layer] = w.to(self.config.runtime.backup_device or w.device, copy=True)
         self.model = model
-        self._targets = {t.layer: t for t in targets}
-        self._backups = backups
-        self._applied_fp = {}
-        _stack(model).append(self)
+        self.bound_targets = {t.layer: t for t in targets}
+        self.backups = backups
+        self.applied_fingerprints = {}
+        stack(model).append(self)
 
     def _detach(self) -> None:
-        stack = _stack(self.model) if self.model is not None else []
-        if self in stack:
-            stack.remove(self)
+        entries = stack(self.model) if self.model is not None else []
+        if self in entries:
+            entries.remove(self)
         self.model = None
-        self._backups, self._targets, self._applied_fp = {}, {}, {}
+        self.backups, self.bound_targets, self.applied_fingerprints = {}, {}, {}
 
     def bind(self, model: torch.nn.Module, targets: list[EditTarget]) -> None:
         """Remember the model, back up every weight that may change (before any change), record what the
@@ -272,7 +109,8 @@ class Edit:
                 self.modules[t.layer]["expert"] = {"owner": module_name(model, t.module.owner),
                                                    "attr": t.module.attr, "index": t.module.index}
             self.base_fingerprints[t.layer] = tensor_fingerprint(w)
-            self._applied_fp[t.layer] = self.base_fingerprints[t.layer]  # until a factor is applied (or none is)
+            # until a factor is applied (or none is)
+            self.applied_fingerprints[t.layer] = self.base_fingerprints[t.layer]
             if w.dtype in (torch.float32, torch.float64):  # so that cast=True can check a bf16/fp16 copy
                 self.cast_fingerprints[t.layer] = {str(dt): tensor_fingerprint(w.to(dt)) for dt in _CAST_DTYPES}
 
@@ -284,13 +122,13 @@ class Edit:
         else:
             stored = factor.float()
         self._apply_stored(layer, stored)
-        fp = tensor_fingerprint(self._targets[layer].module.weight.detach())
-        self.edited_fingerprints[layer] = self._applied_fp[layer] = fp
+        fp = tensor_fingerprint(self.bound_targets[layer].module.weight.detach())
+        self.edited_fingerprints[layer] = self.applied_fingerprints[layer] = fp
 
     def _apply_stored(self, layer: int, stored: torch.Tensor) -> None:
         # The live edit and Edit.load(...).apply(...) both go through here with the same fp32
         # tensor, so they produce the same weights bit for bit.
-        t = self._targets[layer]
+        t = self.bound_targets[layer]
         self._update_weight(t, stored)
         self.factors[layer] = stored.cpu()
 
@@ -314,12 +152,12 @@ class Edit:
         """
         if self.model is None:
             raise ZuFastError(f"{self.name} is not applied to a model (use Edit.load(dir).apply(model) first)")
-        stack = _stack(self.model)
-        above = stack[stack.index(self) + 1:] if self in stack else []
+        entries = stack(self.model)
+        above = entries[entries.index(self) + 1:] if self in entries else []
         if not above:
             with torch.no_grad():
-                for layer, backup in self._backups.items():
-                    self._targets[layer].module.weight.copy_(backup)
+                for layer, backup in self.backups.items():
+                    self.bound_targets[layer].module.weight.copy_(backup)
             self._detach()
             return
         if not out_of_order:
@@ -333,12 +171,12 @@ class Edit:
 
     def _restore_out_of_order(self, above: list[Edit]) -> None:
         model = self.model
-        touched = {id(t.module): t.module for e in [self, *above] for t in e._targets.values()}
+        touched = {id(t.module): t.module for e in [self, *above] for t in e.bound_targets.values()}
         snapshot = {k: m.weight.detach().clone() for k, m in touched.items()}  # rollback if anything fails
-        stack_before = list(_stack(model))
-        states = {id(e): (e, e.model, dict(e._backups), dict(e._targets), dict(e._applied_fp), dict(e.verification))
-                  for e in [self, *above]}
-        keep = [(e, dict(e._targets)) for e in above]
+        stack_before = list(stack(model))
+        states = {id(e): (e, e.model, dict(e.backups), dict(e.bound_targets), dict(e.applied_fingerprints),
+                          dict(e.verification)) for e in [self, *above]}
+        keep = [(e, dict(e.bound_targets)) for e in above]
         try:
             for e in reversed(above):
                 e.restore()  # bit-exact: newest first
@@ -347,16 +185,16 @@ class Edit:
                 e._attach(model, [targets[layer] for layer in sorted(targets)])
                 for layer in sorted(targets):
                     e._update_weight(targets[layer], e.factors[layer])
-                    e._applied_fp[layer] = tensor_fingerprint(targets[layer].module.weight.detach())
+                    e.applied_fingerprints[layer] = tensor_fingerprint(targets[layer].module.weight.detach())
                 e.verification = {layer: "re-applied out of order (not checked against a recorded fingerprint)"
                                   for layer in targets}
         except BaseException:
             with torch.no_grad():
                 for k, m in touched.items():
                     m.weight.copy_(snapshot[k])
-            _stack(model)[:] = stack_before
+            stack(model)[:] = stack_before
             for e, m, backups, targets, applied, verification in states.values():
-                e.model, e._backups, e._targets, e._applied_fp, e.verification = \
+                e.model, e.backups, e.bound_targets, e.applied_fingerprints, e.verification = \
                     m, backups, targets, applied, verification
             raise
         names = ", ".join(e.name for e, _ in keep)
@@ -364,115 +202,22 @@ class Edit:
                       "it (W = D_B D_A W₀ → D_B W₀); they were computed for a model that still had it", stacklevel=3)
 
     # ------------------------------------------------------------------ save / load ------
-    @property
-    def layers(self) -> list[int]:
-        return sorted(self.factors)
-
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Write ``factors.safetensors`` + ``edit.json`` into folder ``path``.
+        """Write ``factors.safetensors`` + ``edit.json`` into folder ``path`` (``zu_fast.edit.file_format``).
 
-        A new or empty folder is written whole (temporary folder, then rename); a non-empty folder is
-        refused unless ``overwrite=True``, which replaces only these two files and keeps everything else.
+        A new or empty folder is written whole (temporary folder, then rename); a non-empty folder is refused
+        unless ``overwrite=True``, which replaces only these two files and keeps everything else.
         """
-        if not self.factors:
-            raise ZuFastError("nothing to save: the edit has no factors")
-        bad = [layer for layer, f in self.factors.items() if not bool(torch.isfinite(f).all())]
-        if bad:
-            raise ZuFastError(f"refusing to save {self.name}: the factors of layers {bad} contain NaN/Inf")
-        name = "D_minus_I" if self.kind == "multiplicative" else "delta_w"
-        tensors = {f"{layer}.{name}": f.contiguous() for layer, f in self.factors.items()}
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "zu_fast_version": __version__,
-            "id": self.id,
-            "kind": self.kind,
-            "layers": self.layers,
-            "modules": {str(k): v for k, v in self.modules.items()},
-            "base_fingerprints": {str(k): v for k, v in self.base_fingerprints.items()},
-            "edited_fingerprints": {str(k): v for k, v in self.edited_fingerprints.items()},
-            "cast_fingerprints": {str(k): v for k, v in self.cast_fingerprints.items()},
-            "factor_sha256": {str(k): _sha256(f) for k, f in self.factors.items()},
-            "made_with": self.made_with,
-            "config": self.config.to_dict(),
-            "report": self.report.to_dict(),
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        return write_folder(path, "factors.safetensors", tensors, {"edit.json": meta}, overwrite=overwrite,
-                            what="edit")
+        return save_edit(self, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Edit:
         """Read an edit saved by ``save``; apply it with ``.apply(model)``.
 
-        A missing, truncated or corrupted file, or factors that do not match their recorded checksums,
-        raise ZuFastError naming the file and what is wrong.
+        A missing, truncated or corrupted file, or factors that do not match their recorded checksums, raise
+        ZuFastError naming the file and what is wrong.
         """
-        path = Path(path)
-        jpath = path / "edit.json"
-        meta = read_json(jpath, "saved zu_fast edit")
-        version = meta.get("format_version")
-        if version not in (1, 2):
-            raise ZuFastError(f"{jpath}: unsupported edit format {version!r} (this zu_fast reads 1 and 2)")
-
-        def need(key: str, kind: type) -> Any:
-            if key not in meta:
-                raise ZuFastError(f"{jpath}: corrupted, no {key!r} entry")
-            if not isinstance(meta[key], kind):
-                raise ZuFastError(f"{jpath}: corrupted, {key!r} is a {type(meta[key]).__name__}")
-            return meta[key]
-
-        kind = need("kind", str)
-        try:
-            layers = [int(x) for x in need("layers", list)]
-            modules = {int(k): dict(v) for k, v in need("modules", dict).items()}
-            base = {int(k): str(v) for k, v in need("base_fingerprints", dict).items()}
-            edited = {int(k): str(v) for k, v in need("edited_fingerprints", dict).items()}
-            casts = {int(k): dict(v) for k, v in (meta.get("cast_fingerprints") or {}).items()}
-            sums = {int(k): str(v) for k, v in (meta.get("factor_sha256") or {}).items()}
-        except (TypeError, ValueError) as e:
-            raise ZuFastError(f"{jpath}: corrupted layer entries ({e})") from None
-        for layer in layers:
-            for what, table in (("modules", modules), ("base_fingerprints", base),
-                                ("edited_fingerprints", edited)):
-                if layer not in table:
-                    raise ZuFastError(f"{jpath}: corrupted, {what!r} has no entry for layer {layer}")
-            if "name" not in modules[layer]:
-                raise ZuFastError(f"{jpath}: corrupted, module of layer {layer} has no name")
-        try:
-            config = UnlearnConfig.from_dict(need("config", dict))
-        except ZuFastError as e:
-            raise ZuFastError(f"{jpath}: its config is not valid here ({e})") from None
-        edit = cls(config, kind)
-        tensors = read_tensors(path / "factors.safetensors", meta.get(WRITE_ID))
-        name = "D_minus_I" if kind == "multiplicative" else "delta_w"
-        fpath = path / "factors.safetensors"
-        for layer in layers:
-            f = tensors.get(f"{layer}.{name}")
-            if f is None:
-                raise ZuFastError(f"{fpath}: no factor {layer}.{name} for layer {layer} (incomplete or another file)")
-            shape = modules[layer].get("shape")
-            want = ([shape[0], shape[0]] if kind == "multiplicative" else list(shape)) if shape else None
-            if f.dim() != 2 or (want is not None and list(f.shape) != want) or \
-                    (kind == "multiplicative" and f.shape[0] != f.shape[1]):
-                raise ZuFastError(f"{fpath}: layer {layer}'s factor has shape {tuple(f.shape)}, expected "
-                                  f"{tuple(want) if want else '[d, d]'}")
-            if layer in sums and _sha256(f) != sums[layer]:
-                raise ZuFastError(f"{fpath}: layer {layer}'s factor does not match its SHA-256 in edit.json "
-                                  "(the file is corrupted or was changed)")
-            edit.factors[layer] = f
-        edit.id = str(meta.get("id") or edit.id)
-        edit.modules, edit.base_fingerprints, edit.edited_fingerprints = modules, base, edited
-        edit.cast_fingerprints, edit.factor_sha256 = casts, sums
-        edit.made_with = dict(meta.get("made_with") or {})
-        edit.source = str(path)
-        rep = meta.get("report") or {}
-        try:
-            edit.report = EditReport(rep.get("n_requests", 0), {int(k): v for k, v in rep.get("layers", {}).items()},
-                                     rep.get("targets", {}), rep.get("timings", {}), rep.get("peak_memory_bytes", {}),
-                                     rep.get("flags", []))
-        except (AttributeError, TypeError, ValueError):
-            raise ZuFastError(f"{jpath}: corrupted 'report' entry") from None
-        return edit
+        return load_edit(path, cls)
 
     # ------------------------------------------------------------------ apply ------------
     def _check_factors(self) -> None:
@@ -534,7 +279,7 @@ class Edit:
         """Recompute the edit on sampled columns from the backup (float64) and compare with the weights:
         (within the rounding of the weights' dtype plus fp32 accumulation, worst error / bound)."""
         W = t.weight  # [d, d_in] view of the module's weight
-        W0 = self._backups[layer]
+        W0 = self.backups[layer]
         W0 = W0.t() if t.transposed else W0  # [d, d_in]
         d, d_in = W.shape
         cols = torch.linspace(0, d_in - 1, min(n_cols, d_in)).long()
@@ -581,7 +326,7 @@ class Edit:
             for t in targets:
                 self._update_weight(t, self.factors[t.layer])
                 fp = tensor_fingerprint(t.module.weight.detach())
-                self._applied_fp[t.layer] = fp
+                self.applied_fingerprints[t.layer] = fp
                 if how[t.layer] == "exact" and fp == self.edited_fingerprints[t.layer]:
                     verification[t.layer] = "exact (edited fingerprint)"
                     continue
@@ -655,7 +400,7 @@ class Edit:
         return {"id": self.id, "kind": self.kind, "layers": self.layers, "source": self.source,
                 "modules": {str(k): v.get("name") for k, v in self.modules.items()},
                 "base_fingerprints": {str(k): v for k, v in self.base_fingerprints.items()},
-                "edited_fingerprints": {str(k): self._applied_fp.get(k, v)
+                "edited_fingerprints": {str(k): self.applied_fingerprints.get(k, v)
                                         for k, v in self.edited_fingerprints.items()}}
 
     def __repr__(self) -> str:
@@ -663,4 +408,4 @@ class Edit:
         return f"Edit({self.kind}, id={self.id}, layers={self.layers}, {state})"
 
 
-__all__ = ["Edit", "EditReport", "apply_additive_", "edits", "stack_base_fingerprint"]
+__all__ = ["Edit", "apply_additive_"]
