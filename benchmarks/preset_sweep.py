@@ -22,7 +22,8 @@ import time
 import torch
 
 import zu_fast
-from zu_fast.eval import metrics, tinylm
+from zu_fast import metrics
+from zu_fast.eval import tinylm
 from zu_fast.eval.harness import tinylm_config
 
 

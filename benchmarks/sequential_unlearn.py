@@ -10,7 +10,7 @@ The statistics are collected once, on the unedited model, and re-used by every r
 them on the edited model because its edit stack proves that the current weights are the base weights
 plus known zu_fast edits (``zu_fast.stats.store.check_stats_for_model``). Each round regenerates its
 context templates on the current (edited) model, as a user's later session would. Reported, on all R·K
-facts at the end: Efficacy / Generalization / Specificity / PPL (``zu_fast.eval.metrics.evaluate``),
+facts at the end: Efficacy / Generalization / Specificity / PPL (``zu_fast.metrics.evaluate``),
 the unlearning wall time (evaluation excluded), and, for the sequential run, the efficacy on the first
 round's facts after every round (does a later edit undo an earlier one?). Both runs end with restore()
 and check the weights bit for bit (sequential: the stack restored newest first).
@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 import zu_fast
-from zu_fast.eval import metrics, tinylm
+from zu_fast import metrics
+from zu_fast.eval import tinylm
 from zu_fast.eval.harness import tinylm_config
 
 

@@ -14,7 +14,7 @@ import argparse
 import time
 
 import torch
-from e2e_unlearn import SHAPES, build  # a sibling script: run from benchmarks/
+from random_llama import SHAPES, build  # a sibling script: run from benchmarks/
 
 import zu_fast
 from zu_fast import ops

@@ -10,8 +10,8 @@ from tiny_models import REQUESTS, corpus, llama
 import zu_fast
 from zu_fast.eval import baselines
 from zu_fast.eval.baselines import BaselineHParams, run_baseline
-from zu_fast.eval.metrics import encode_continuations, score_continuations
 from zu_fast.method.gd import null_basis, null_basis_for
+from zu_fast.metrics import encode_continuations, score_continuations
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import zu_fast
-from zu_fast.eval import metrics, tinylm
+from zu_fast import metrics
+from zu_fast.eval import tinylm
 
 
 @pytest.fixture(scope="module")

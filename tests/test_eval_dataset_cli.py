@@ -11,7 +11,7 @@ import torch
 
 import zu_fast
 import zu_fast.cli
-from zu_fast.eval import baselines, datasets, harness, metrics, tinylm
+from zu_fast.eval import baselines, datasets, harness, reference_metrics, tinylm
 
 FIX = Path(__file__).parent / "fixtures" / "datasets"
 KEYS = ["efficacy", "generalization", "specificity", "es", "ps", "ns", "multihop", "fluency", "consistency"]
@@ -69,13 +69,13 @@ def test_mcf_with_a_model_folder_corpus_and_generation(small, files, tmp_path):
     ds = datasets.load_dataset(FIX / "mcf.json")
     records = ds.sample(2, 0)
     assert runs[("base", 0)]["case_ids"] == [r["case_id"] for r in records]
-    snips = metrics.load_snippets(FIX / "attribute_snippets.json")
-    tfidf = metrics.Tfidf.fit([s["text"] for v in snips.values() for s in v])
-    held = metrics.read_texts(ppl)
+    snips = reference_metrics.load_snippets(FIX / "attribute_snippets.json")
+    tfidf = reference_metrics.Tfidf.fit([s["text"] for v in snips.values() for s in v])
+    held = reference_metrics.read_texts(ppl)
 
     def direct():
-        return metrics.evaluate_dataset(model, tok, "mcf", records, ppl_texts=held, generation=True, snippets=snips,
-                                        tfidf=tfidf, gen_len=16)
+        return reference_metrics.evaluate_dataset(model, tok, "mcf", records, ppl_texts=held, generation=True,
+                                                  snippets=snips, tfidf=tfidf, gen_len=16)
 
     _equal(runs[("base", 0)], direct())
     cfg = zu_fast.UnlearnConfig.from_json(quick).replace(method="gd")
@@ -107,7 +107,8 @@ def test_zsre_and_mquake_on_the_small_model(small, files, tmp_path, kind):
     records = ds.sample(2, 1)
 
     def direct():
-        return metrics.evaluate_dataset(model, tok, kind, records, ppl_texts=metrics.read_texts(ppl))
+        held = reference_metrics.read_texts(ppl)
+        return reference_metrics.evaluate_dataset(model, tok, kind, records, ppl_texts=held)
 
     _equal(runs["base"], direct())
     cfg = zu_fast.UnlearnConfig.for_model(model, progress=False)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from zu_fast.eval import metrics as M
+from zu_fast import metrics as M
+from zu_fast.eval import reference_metrics as RM
 from zu_fast.eval.tinylm import train_tokenizer
 
 TEXTS = [
@@ -251,11 +252,11 @@ def test_tokenizer_without_pad_token(tok, tiny_llama):
 
 def test_bad_target():
     with pytest.raises(ValueError):
-        M._target_str({"text": "x"})
+        M.target_string({"text": "x"})
 
 
 def test_acceptance_failures_bounds():
-    from zu_fast.eval.metrics import acceptance_failures
+    from zu_fast.metrics import acceptance_failures
 
     before = {"efficacy": 100.0, "generalization": 100.0, "specificity": 99.0, "perplexity": 3.0}
     edge = {"efficacy": 10.0, "generalization": 30.0, "specificity": 94.0, "perplexity": 3.3}
@@ -293,19 +294,19 @@ def test_word_tokenize_without_nltk_follows_nltk(monkeypatch, text, words):
         return real(name, *a, **kw)
 
     monkeypatch.setattr(builtins, "__import__", no_nltk)
-    assert M.word_tokenize(text) == words
+    assert RM.word_tokenize(text) == words
 
 
 def test_ngram_entropy_by_hand(monkeypatch):
     monkeypatch.setattr(M, "word_tokenize", lambda s: s.split())
     # bigrams ab, ba, ab: p = 2/3, 1/3; trigrams aba, bab: p = 1/2, 1/2
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
-    assert M.compute_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
-    assert M.ngram_entropy(["a b a b", "a b a b"]) == pytest.approx(M.compute_ngram_entropy("a b a b"))
+    assert RM.compute_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert RM.ngram_entropy(["a b a b", "a b a b"]) == pytest.approx(RM.compute_ngram_entropy("a b a b"))
 
 
 def test_tfidf_like_sklearn():
-    t = M.Tfidf.fit(["the cat sat", "the dog sat", "a cat"])  # "a" has one character: not a word
+    t = RM.Tfidf.fit(["the cat sat", "the dog sat", "a cat"])  # "a" has one character: not a word
     assert sorted(t.vocab) == ["cat", "dog", "sat", "the"]
     assert t.idf[t.vocab["the"]] == pytest.approx(math.log(4 / 3) + 1)  # smooth idf: ln((1+n)/(1+df)) + 1
     assert t.similarity("the cat", "The CAT!") == pytest.approx(1.0)
@@ -320,7 +321,7 @@ def test_summaries_are_means_of_record_means():
            {"rewrite_prompts_correct": [False], "paraphrase_prompts_correct": [True],
             "neighborhood_prompts_correct": [True, False],
             "rewrite_prompts_probs": [{"target_new": 3.0, "target_true": 2.0}]}]
-    s = M.summarize_scores(per)
+    s = RM.summarize_scores(per)
     assert s["efficacy"] == 50.0 and s["generalization"] == pytest.approx(62.5)  # (25 + 100) / 2, not 2/5
     assert s["specificity"] == 50.0  # the record without neighbours is left out
     assert s["es"] == 50.0  # NLL(true) > NLL(neutral) in one record of two
@@ -336,12 +337,12 @@ def test_counterfact_scores_read_the_reference_positions(tok):
         for j in range(len(tok(prompt)["input_ids"]), len(full)):
             table[tuple(full[:j])] = full[j]
     model = LookupLM(len(tok), table)
-    style = M.ReferenceStyle(n_prefix=1, space_join=False)
+    style = RM.ReferenceStyle(n_prefix=1, space_join=False)
     rec = {"requested_rewrite": {"prompt": "{} was born in", "subject": "Tolu Koumko",
                                  "target_true": {"str": "Lisbon"}, "target_new": {"str": "Oslo"}},
            "paraphrase_prompts": ["Furza Vesdrol plays the"], "neighborhood_prompts": []}
-    (out,) = M.counterfact_scores(model, tok, [rec], style=style)
+    (out,) = RM.counterfact_scores(model, tok, [rec], style=style)
     assert out["rewrite_prompts_correct"] == [True] and out["paraphrase_prompts_correct"] == [False]
     (probs,) = out["rewrite_prompts_probs"]
     assert probs["target_true"] < probs["target_new"]  # the known answer is the likelier one
-    assert M.summarize_scores([out])["es"] == 0.0
+    assert RM.summarize_scores([out])["es"] == 0.0

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from zu_fast import UnlearnConfig, ZuFastError
-from zu_fast.method.closed_form import multiplier
+from zu_fast.method.closed_form import multiplier, narrow_multiplier
 from zu_fast.method.leverage import forget_weight_for, leverage_spectrum, mean_leverage
-from zu_fast.method.moe import narrow_multiplier
 from zu_fast.stats.moments import LayerStats
 
 

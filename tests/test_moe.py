@@ -23,8 +23,8 @@ from tiny_models import REQUESTS, corpus, tokenizer
 
 import zu_fast
 from zu_fast import UnlearnConfig, ZuFastError
-from zu_fast.method.closed_form import multiplier
-from zu_fast.method.moe import LayerReadings, layer_problems, narrow_multiplier
+from zu_fast.method.closed_form import multiplier, narrow_multiplier
+from zu_fast.method.moe import LayerReadings, layer_problems
 from zu_fast.model import edit_targets
 from zu_fast.model.locate import SHARED, EditTarget, MoETarget, expert_key
 from zu_fast.stats.collect import CorpusStats

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import zu_fast
-from zu_fast.eval import metrics, probes, tinylm
+from zu_fast import metrics
+from zu_fast.eval import harness, probes, tinylm
 from zu_fast.eval.synthetic import COMPOSITIONS, RELATIONS, WorldConfig, make_world
 
 # ------------------------------------------------------------------------------- unit ------
@@ -274,7 +275,7 @@ def test_robustness_table_from_rows(tmp_path):
         d.mkdir()
         (d / "results.json").write_text(json.dumps({"methods": ["base", "gd"], "seeds": [seed], "n": [10],
                                                     "runs": [r for r in rows if r["seed"] == seed]}))
-    md = probes.merge_runs([tmp_path / "run0" / "results.json", tmp_path / "run1" / "results.json"], tmp_path,
+    md = harness.merge_runs([tmp_path / "run0" / "results.json", tmp_path / "run1" / "results.json"], tmp_path,
                            plot=False)
     assert "| 10 | gd |" in (tmp_path / "results.md").read_text()
     assert "| 10 | gd |" in md and "int4 Eff" in md and "unrelated Eff@50" in md

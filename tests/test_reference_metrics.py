@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from zu_fast.eval import datasets as D
-from zu_fast.eval import metrics as M
+from zu_fast.eval import reference_metrics as M
 
 FIX = Path(__file__).parent / "fixtures"
 GOLDEN = FIX / "golden" / "reference_metrics.json"

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from zu_fast.eval import metrics as M
+from zu_fast import metrics as M
 from zu_fast.eval import tinylm
 from zu_fast.eval.synthetic import RELATIONS, WorldConfig, make_world
 from zu_fast.eval.tinylm import META_FILE, MODEL_TAG, TinyLMConfig, load_or_train, model_dir

@@ -7,8 +7,7 @@ import torch
 from tiny_models import corpus, llama
 
 import zu_fast
-from zu_fast import UnlearnConfig, ZuFastError
-from zu_fast.eval import metrics
+from zu_fast import UnlearnConfig, ZuFastError, metrics
 
 pytestmark = pytest.mark.filterwarnings("ignore:zu_fast")  # a random model's edits trip the size warnings
 

@@ -190,9 +190,9 @@ def _say(args, *msg: Any) -> None:
 def cmd_demo(args) -> int:
     import torch
 
-    from . import collect_stats, unlearn
+    from . import collect_stats, metrics, unlearn
     from .config import UnlearnConfig
-    from .eval import metrics, tinylm
+    from .eval import tinylm
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -212,7 +212,7 @@ def cmd_demo(args) -> int:
     after = metrics.evaluate(model, tok, records, heldout, neutral_target=cfg.neutral_target)
     print()
     for r in records[:3]:
-        print(f"  to forget: {r['prompt'].format(r['subject'])} → {metrics._target_str(r['target_true'])}")
+        print(f"  to forget: {r['prompt'].format(r['subject'])} → {metrics.target_string(r['target_true'])}")
     print()
     print(metrics.format_table(before, after))
     print()
@@ -468,12 +468,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if argv and argv[0] == "eval":
-        return cmd_eval(None, argv[1:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    cmd = {"demo": cmd_demo, "stats": cmd_stats, "unlearn": cmd_unlearn, "apply": cmd_apply,
-           "restore": cmd_restore, "info": cmd_info}[args.cmd]
+    if argv and argv[0] == "eval":  # its own parser (zu-fast eval --help), the same error contract
+        args = argparse.Namespace(cmd="eval", quiet="--quiet" in argv)
+        rest = argv[1:]
+
+        def cmd(_args):
+            return cmd_eval(None, rest)
+    else:
+        args = build_parser().parse_args(argv)
+        cmd = {"demo": cmd_demo, "stats": cmd_stats, "unlearn": cmd_unlearn, "apply": cmd_apply,
+               "restore": cmd_restore, "info": cmd_info}[args.cmd]
     if getattr(args, "quiet", False):
         try:  # transformers' own loading/saving bars
             from transformers.utils import logging as hf_logging

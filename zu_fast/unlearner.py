@@ -29,7 +29,7 @@ __all__ = ["ForgetResult", "Unlearner"]
 @dataclass
 class ForgetResult:
     """What :meth:`Unlearner.forget` did: the edit (restore / save), the requests it forgot and the
-    metrics (:func:`zu_fast.eval.metrics.evaluate`) on the given prompts before and after."""
+    metrics (:func:`zu_fast.metrics.evaluate`) on the given prompts before and after."""
 
     edit: Edit
     requests: list[UnlearnRequest]
@@ -39,7 +39,7 @@ class ForgetResult:
 
     def table(self) -> str:
         """Markdown table of the metrics before and after, with the change."""
-        from .eval.metrics import format_table
+        from .metrics import format_table
 
         return format_table(self.before, self.after)
 
@@ -206,7 +206,7 @@ class Unlearner:
         Returns a :class:`ForgetResult` with the edit and the metrics (efficacy, generalization,
         specificity, ES/PS/NS, perplexity when the Unlearner has ``heldout_texts``) before and after.
         """
-        from .eval import metrics
+        from . import metrics
         from .method.unlearn import unlearn
 
         if neighbours is not None and neighbors is not None:

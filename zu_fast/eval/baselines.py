@@ -41,9 +41,9 @@ import torch
 from ..config import UnlearnConfig
 from ..edit import apply_additive_
 from ..errors import ZuFastError
+from ..metrics import encode_continuations
 from ..model import edit_targets, get_module
 from ..requests import UnlearnRequest, normalize_requests
-from .metrics import encode_continuations
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``zu-fast eval``: ZeroUnlearn (closed form, GD) against the baselines on the synthetic world's small model.
 
 For every method × n × seed: restore the model, unlearn ``world.records(n, seed)``, evaluate
-(Efficacy/Generalization/Specificity/PPL and ES/PS/NS via :mod:`zu_fast.eval.metrics`), time it.
+(Efficacy/Generalization/Specificity/PPL and ES/PS/NS via :mod:`zu_fast.metrics`), time it.
 Writes ``results.json`` (every run + aggregates + environment), ``results.md`` (mean ± std over seeds)
 and ``results.png``. ``--sweep`` runs the sample-size sweep instead (closed form vs GD, quality and
 time vs n) and writes ``sweep.{json,md,png}``.
@@ -14,7 +14,7 @@ Corpus statistics are collected once on the world's training texts (``collect_st
 table instead: on ``--model DIR`` (default: the small model) with statistics over ``--corpus``,
 every method on the same forget records (drawn from the file's second half per seed, as the
 reference does), layers and statistics, scored by the reference's evaluation
-(:func:`zu_fast.eval.metrics.evaluate_dataset`), with time and peak memory per method.
+(:func:`zu_fast.eval.reference_metrics.evaluate_dataset`), with time and peak memory per method.
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..errors import ZuFastError
 
 METHOD_NAMES = {  # lower-case alias → canonical name
     "base": "base",
@@ -57,8 +60,18 @@ METRICS = [  # key, column label, digits
 ]
 
 
-def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x.strip()]
+DEFAULT_METHODS = "zeroUnlearn,gd,ga,npo,ft,alphaedit"
+DEFAULT_N = "10,50"
+
+
+def _ints(s: str, what: str = "--n", least: int = 1) -> list[int]:
+    try:
+        out = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise ZuFastError(f"{what}: expected comma-separated integers, got {s!r}") from None
+    if not out or any(x < least for x in out):
+        raise ZuFastError(f"{what}: expected integers ≥ {least}, got {s!r}")
+    return out
 
 
 def _methods(s: str) -> list[str]:
@@ -70,7 +83,8 @@ def _methods(s: str) -> list[str]:
         try:
             name = METHOD_NAMES[x.lower()]
         except KeyError:
-            raise SystemExit(f"unknown method {x!r}; choose from {sorted(set(METHOD_NAMES.values()))}") from None
+            raise ZuFastError(f"--methods: unknown method {x!r}; choose from "
+                              f"{sorted(set(METHOD_NAMES.values()))}") from None
         if name not in out:
             out.append(name)
     return out
@@ -78,9 +92,11 @@ def _methods(s: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zu-fast eval", description=__doc__.split("\n")[0])
-    p.add_argument("--methods", default="zeroUnlearn,gd,ga,npo,ft,alphaedit",
-                   help="comma-separated: zeroUnlearn, gd, ga, npo, ft, memit, alphaedit (base is always added)")
-    p.add_argument("--n", default="10,50", help="comma-separated numbers of forget records")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated: zeroUnlearn, gd, ga, npo, ft, memit, alphaedit (base is always added; "
+                        f"default {DEFAULT_METHODS}, with --sweep zeroUnlearn,gd)")
+    p.add_argument("--n", default=None,
+                   help=f"comma-separated numbers of forget records (default {DEFAULT_N}, with --sweep 10..max)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated record-sampling seeds")
     p.add_argument("--out", default="zu_fast_eval", help="output folder")
     p.add_argument("--sweep", action="store_true",
@@ -99,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probes", default=None, metavar="LIST",
                    help="robustness probes after each edit (zu_fast.eval.probes): comma-separated from quant, relearn, "
                         "lens, generate, multihop, or 'all'; writes robustness.{md,json,png} beside the quality table")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                   help="merge the results.json of several runs (e.g. one process per --n) into one quality table "
+                        "and one robustness table under --out; nothing is run")
     _add_dataset_arguments(p)
     return p
 
@@ -175,7 +194,8 @@ class _Runner:
     def run(self, method: str, records: list[dict]) -> dict[str, Any]:
         """Unlearn ``records`` with ``method`` (timed), evaluate, restore; returns a result row."""
         import zu_fast
-        from zu_fast.eval import baselines, metrics
+        from zu_fast import metrics
+        from zu_fast.eval import baselines
 
         t0, c0 = time.perf_counter(), time.process_time()
         edit = None
@@ -370,28 +390,58 @@ def _write(out: Path, args, runner: _Runner, methods: list[str], ns: list[int], 
 
 
 
+def merge_runs(json_paths: Sequence[str | Path], out: str | Path, *, plot: bool = True) -> str:
+    """One quality table and one robustness table from several ``zu-fast eval --probes`` runs (their
+    ``results.json``), e.g. the same command run as one process per ``--n``: every (method, n, seed)
+    row is computed on its own, so the merged tables are the single command's. Writes
+    ``results.md`` and ``robustness.{md,json,png}`` under ``out``; returns the robustness tables."""
+    rows: list[dict] = []
+    methods: list[str] = []
+    headers = []
+    for p in json_paths:
+        d = json.loads(Path(p).read_text())
+        rows += d["runs"]
+        methods += [m for m in d["methods"] if m not in methods]
+        meta = d.get("meta", {})
+        params = meta.get("model_params")
+        headers.append(f"{Path(p).parent.name}: " + (f"{params:,} parameters, " if params else "")
+                       + f"layers {meta.get('layers')}, seeds {d.get('seeds')}, n {d.get('n')}.")
+    if not rows:
+        raise ZuFastError("merge_runs: no runs in the given results.json files")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    quality = markdown_table(_aggregate(rows), methods)
+    (out / "results.md").write_text("# zu-fast eval (merged runs)\n\n" + "\n".join(headers) + "\n\n" + quality + "\n")
+    from .probes import write_robustness
+
+    return write_robustness(out, rows, methods, header=" ".join(headers), plot=plot)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zu-fast eval`` (argv without the sub-command). Returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.merge:
+        print(merge_runs(args.merge, args.out, plot=not args.no_plot))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dataset:
         return dataset_main(args, list(argv if argv is not None else sys.argv[1:]))
     if args.sweep:
         methods = ["base", "zeroUnlearn", "gd"]
-        if "--methods" in (argv if argv is not None else sys.argv):
-            methods = ["base"] + [m for m in _methods(args.methods) if m != "base"]
+        if args.methods is not None:
+            methods = ["base"] + [m for m in _methods(args.methods or DEFAULT_METHODS) if m != "base"]
     else:
-        methods = ["base"] + [m for m in _methods(args.methods) if m != "base"]
-    seeds = _ints(args.seeds)
+        methods = ["base"] + [m for m in _methods(args.methods or DEFAULT_METHODS) if m != "base"]
+    seeds = _ints(args.seeds, "--seeds", least=0)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runner = _Runner(args)
-    n_given = "--n" in (argv if argv is not None else sys.argv)
+    n_given = args.n is not None
     if args.sweep and not n_given:
         ns = [n for n in (10, 20, 50, 100, 200, 500, 1000) if n <= runner.max_n]
     else:
-        ns = _ints(args.n)
+        ns = _ints(args.n or DEFAULT_N)
     skipped = [n for n in ns if n > runner.max_n]
     ns = [n for n in ns if n <= runner.max_n]
     if skipped:
@@ -426,7 +476,7 @@ if __name__ == "__main__":  # pragma: no cover
 
 # --------------------------------------------------------------------------- dataset mode ------
 # ``zu-fast eval --dataset FILE``: the paper's table on a dataset file (CounterFact/MCF, ZsRE,
-# MQuAKE) and any local model, with the reference's metrics (metrics.evaluate_dataset). Kept in
+# MQuAKE) and any local model, with the reference's metrics (reference_metrics.evaluate_dataset). Kept in
 # its own functions: main() only dispatches here when --dataset is given.
 
 DATASET_METRICS = [  # key, column label, digits
@@ -480,7 +530,6 @@ def _load_local_model(path: str, device: str | None, dtype: str):
     """A local HuggingFace causal LM and its tokenizer, on ``device`` (default: the accelerator if any)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..errors import ZuFastError
 
     if not Path(path).is_dir():
         raise ZuFastError(f"--model {path}: not a folder with a HuggingFace model")
@@ -536,9 +585,8 @@ class _DatasetRunner:
 
     def __init__(self, args: argparse.Namespace) -> None:
         import zu_fast
-        from zu_fast.eval import datasets, metrics
+        from zu_fast.eval import datasets, reference_metrics
 
-        from ..errors import ZuFastError
 
         self.args = args
         self.log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -561,7 +609,7 @@ class _DatasetRunner:
             ppl = world.heldout_texts()
             model_name = "tinylm " + str(getattr(tinylm, "CODE_VERSION", ""))
         self.model.eval()
-        self.ppl_texts = metrics.read_texts(args.ppl_text) if args.ppl_text else ppl
+        self.ppl_texts = reference_metrics.read_texts(args.ppl_text) if args.ppl_text else ppl
         overrides: dict[str, Any] = {"progress": False}
         if args.gd_steps is not None:
             overrides["gd_steps"] = args.gd_steps
@@ -585,18 +633,18 @@ class _DatasetRunner:
         self.dataset = datasets.load_dataset(args.dataset, args.kind, self.tok)
         if args.neutral_target is not None:
             self.dataset = self.dataset.with_neutral(args.neutral_target)
-        self.snippets = metrics.load_snippets(args.snippets) if args.snippets else None
+        self.snippets = reference_metrics.load_snippets(args.snippets) if args.snippets else None
         self.tfidf = None
         if args.tfidf:
-            self.tfidf = metrics.Tfidf.load(args.tfidf)
+            self.tfidf = reference_metrics.Tfidf.load(args.tfidf)
         elif self.snippets:
-            self.tfidf = metrics.Tfidf.fit([s["text"] for v in self.snippets.values() for s in v])
+            self.tfidf = reference_metrics.Tfidf.fit([s["text"] for v in self.snippets.values() for s in v])
         from zu_fast.eval.baselines import BaselineHParams
 
         hp_over = {k: v for k, v in (("lr", args.baseline_lr), ("epochs", args.baseline_epochs)) if v is not None}
         self.baseline_hparams = BaselineHParams(**hp_over)
         self.stats = zu_fast.collect_stats(self.model, self.tok, corpus, self.cfg)
-        self.device = metrics._model_device(self.model)
+        self.device = zu_fast.model.model_device(self.model)
         module = self.cfg.locate.rewrite_module
         prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
         self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
@@ -619,11 +667,12 @@ class _DatasetRunner:
 
     def evaluate(self, records: list[dict]) -> dict[str, Any]:
         """The reference's metrics on ``records`` with the model as it is now."""
-        from zu_fast.eval import metrics
+        from zu_fast.eval import reference_metrics
 
-        return metrics.evaluate_dataset(self.model, self.tok, self.dataset.kind, records, ppl_texts=self.ppl_texts,
-                                        generation=self.args.generation, snippets=self.snippets, tfidf=self.tfidf,
-                                        gen_len=self.args.gen_len, batch_size=self.args.batch_size)
+        return reference_metrics.evaluate_dataset(self.model, self.tok, self.dataset.kind, records,
+                                                  ppl_texts=self.ppl_texts, generation=self.args.generation,
+                                                  snippets=self.snippets, tfidf=self.tfidf, gen_len=self.args.gen_len,
+                                                  batch_size=self.args.batch_size)
 
     def run(self, method: str, records: list[dict]) -> dict[str, Any]:
         """Unlearn ``records`` with ``method`` (timed, peak memory), evaluate, restore; a result row."""
@@ -713,9 +762,9 @@ def dataset_main(args: argparse.Namespace, argv: list[str]) -> int:
     """``zu-fast eval --dataset FILE``: every method on the same forget records, layers and statistics."""
     from tqdm.auto import tqdm
 
-    methods = ["base"] + [m for m in _methods(args.methods) if m != "base"]
-    seeds = _ints(args.seeds)
-    ns = _ints(args.n)
+    methods = ["base"] + [m for m in _methods(args.methods or DEFAULT_METHODS) if m != "base"]
+    seeds = _ints(args.seeds, "--seeds", least=0)
+    ns = _ints(args.n or DEFAULT_N)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     args.argv_used = list(argv)

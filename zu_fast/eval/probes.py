@@ -52,9 +52,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import metrics
 from ..errors import ZuFastError
 from ..model import Capture, get_module, layer_count, model_device, subject_spans
-from . import metrics
 
 PROBES = ("quant", "relearn", "lens", "generate", "multihop")
 RELEARN_KINDS = ("unrelated", "same_subject", "forget")
@@ -68,7 +68,6 @@ __all__ = [
     "hidden_states_at",
     "lens_probe",
     "linear_probe",
-    "merge_runs",
     "multihop_probe",
     "parse_probes",
     "quant_probe",
@@ -327,7 +326,7 @@ def relearn_probe(
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     device = model_device(model)
-    pad = metrics._pad_id(tok)
+    pad = metrics.pad_id(tok)
     out: dict[str, dict[int, dict[str, float]]] = {}
     try:
         for n, p in model.named_parameters():
@@ -415,7 +414,7 @@ def hidden_states_at(
     n_layers = layer_count(model, layer_module_tmp)
     names = [layer_module_tmp.format(i) for i in range(n_layers)]
     device = model_device(model)
-    pad = metrics._pad_id(tok)
+    pad = metrics.pad_id(tok)
     chunks_s, chunks_l = [], []
     for b in range(0, len(items), batch_size):
         chunk = items[b : b + batch_size]
@@ -545,7 +544,7 @@ def _generate(model, tok, prompts: Sequence[str], *, max_new_tokens: int, sample
               temperature: float, batch_size: int) -> list[str]:
     """Continuations (decoded new tokens) of ``prompts``; left-padded batches through HF generate."""
     device = model_device(model)
-    pad = metrics._pad_id(tok)
+    pad = metrics.pad_id(tok)
     eos = tok.eos_token_id
     texts = []
     enc = tok(list(prompts))["input_ids"]
@@ -777,8 +776,8 @@ def _generation_pairs(records, world) -> tuple[list[tuple[str, str]], list[tuple
     pairs, control = [], []
     strangers = list(getattr(world, "strangers", []) or [])
     for i, r in enumerate(records):
-        answer = metrics._target_str(r["target_true"])
-        prompts = [metrics._forget_prompt(r)] + list(r.get("paraphrase_prompts", []))
+        answer = metrics.target_string(r["target_true"])
+        prompts = [metrics.forget_prompt(r)] + list(r.get("paraphrase_prompts", []))
         pairs += [(p, answer) for p in prompts]
         if strangers:
             other = strangers[i % len(strangers)]
@@ -793,7 +792,7 @@ def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettin
     # once per relation, in one of the forget records' templates of that relation (seeded), labelled
     # with that person's object. One item per person, so the probe's validation split (by item) never
     # sees a validation person in training: it measures generalisation across people, as the test does.
-    test = [(r["prompt"], r["subject"], r["relation"], metrics._target_str(r["target_true"])) for r in records]
+    test = [(r["prompt"], r["subject"], r["relation"], metrics.target_string(r["target_true"])) for r in records]
     rng = random.Random(f"probe-{s.seed}")
     train = []
     for rel in sorted({r["relation"] for r in records}):
@@ -1049,50 +1048,3 @@ def write_robustness(out: Path, rows: Sequence[dict], order: Sequence[str], *, h
     if plot and aggs:
         plot_robustness(aggs, order, out / "robustness.png")
     return tables
-
-
-
-def merge_runs(json_paths: Sequence[str | Path], out: str | Path, *, plot: bool = True) -> str:
-    """One quality table and one robustness table from several ``zu-fast eval --probes`` runs (their
-    ``results.json``), e.g. the same command run as one process per ``--n``: every (method, n, seed)
-    row is computed on its own, so the merged tables are the single command's. Writes
-    ``results.md`` and ``robustness.{md,json,png}`` under ``out``; returns the robustness tables."""
-    from . import harness
-
-    rows: list[dict] = []
-    methods: list[str] = []
-    headers = []
-    for p in json_paths:
-        d = json.loads(Path(p).read_text())
-        rows += d["runs"]
-        methods += [m for m in d["methods"] if m not in methods]
-        meta = d.get("meta", {})
-        params = meta.get("model_params")
-        headers.append(f"{Path(p).parent.name}: " + (f"{params:,} parameters, " if params else "")
-                       + f"layers {meta.get('layers')}, seeds {d.get('seeds')}, n {d.get('n')}.")
-    if not rows:
-        raise ZuFastError("merge_runs: no runs in the given results.json files")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    quality = harness.markdown_table(harness._aggregate(rows), methods)
-    (out / "results.md").write_text("# zu-fast eval (merged runs)\n\n" + "\n".join(headers) + "\n\n" + quality + "\n")
-    return write_robustness(out, rows, methods, header=" ".join(headers), plot=plot)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m zu_fast.eval.probes merge RUN/results.json ... --out DIR`` (see :func:`merge_runs`)."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m zu_fast.eval.probes", description=main.__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("merge", help="merge the results.json of several `zu-fast eval --probes` runs")
-    m.add_argument("results", nargs="+", help="results.json files")
-    m.add_argument("--out", required=True, help="output folder")
-    m.add_argument("--no-plot", action="store_true")
-    args = p.parse_args(argv)
-    print(merge_runs(args.results, args.out, plot=not args.no_plot))
-    return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

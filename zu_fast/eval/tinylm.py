@@ -326,7 +326,7 @@ def load_or_train(
             tok.save_pretrained(tmp)
             meta = {"config": config.to_dict(), "code_version": CODE_VERSION, "key": final.name, **info}
             try:  # record how well it learnt, for the report (cheap: a few hundred prompts)
-                from .metrics import evaluate
+                from ..metrics import evaluate
 
                 meta["eval_records50"] = evaluate(model, tok, world.records(50), world.heldout_texts())
             except Exception as e:  # never lose a trained model over a report

@@ -235,6 +235,47 @@ def multiplier(
     return D
 
 
+def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: torch.Tensor, U: torch.Tensor,
+                      cfg: UnlearnConfig, *, bias: torch.Tensor | None = None,
+                      info: dict | None = None) -> torch.Tensor:
+    """The closed-form multiplier D  # [d, d] float64 of a map narrower than the hidden size (d_in < d).
+
+    Fine-grained experts (OLMoE, Qwen3-MoE, DeepSeek: d_ff < d), or any layer with d_in < d, have rank W ≤ d_in < d, so
+    B = W (KKT + λI) Wᵀ is singular and ``multiplier``'s Cholesky fails; yet the edited weight D W is unique
+    (two solutions of D B = A differ by a D₀ with D₀ W = 0). With M = λ_wK C + λ_fK K_f K_fᵀ + λ I
+    [d_in, d_in] (SPD), Y = P (λ_wV X + λ_fV (V_f + R) K_fᵀ + λ W) [d, d_in], B = W M Wᵀ and A = Y Wᵀ, the
+    minimum-norm solution is D = A Q (Qᵀ B Q)⁻¹ Qᵀ for Q [d, r] an orthonormal basis of range(W): it solves
+    D B = A (Aᵀ's columns lie in range(W)) and is 0 on range(W)^⊥. For W of full column rank it gives
+    D W = Y M⁻¹, the weighted least-squares weight itself: the multiplicative form loses nothing there.
+    Dense float64: d_in < d keeps every matrix small.
+    """
+    d, d_in = W.shape
+    dev = W.device
+    Wd = W.detach().to(torch.float64)  # [d, d_in]
+    K = K_f.to(dev, torch.float64)  # [d_in, N]
+    b = bias.detach().to(dev, torch.float64) if bias is not None else None
+    C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
+    X = stats.cross_moment(Wd, b, cfg.closed_form.centered_cross_moment)  # [d, d_in]
+    V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
+    lam = cfg.closed_form.regularization
+    Q, S, _ = torch.linalg.svd(Wd, full_matrices=False)  # Q [d, min(d, d_in)]
+    Q = Q[:, S > S[0] * max(d, d_in) * torch.finfo(torch.float64).eps]  # [d, r] range(W)
+    WtQ = Wd.t() @ Q  # [d_in, r]
+    M0 = cfg.closed_form.corpus_weight_k * C + lam * torch.eye(d_in, dtype=torch.float64, device=dev)  # [d_in, d_in]
+    Bq0 = WtQ.t() @ M0 @ WtQ  # Qᵀ B₀ Q   [r, r]
+    Vq = WtQ.t() @ K  # Qᵀ W K_f   [r, N]
+    lam_fk, lam_fv = _forget_weights(0.5 * (Bq0 + Bq0.t()), Vq, cfg)
+    M = M0 + lam_fk * (K @ K.t())  # [d_in, d_in]
+    Y = Projector(U.to(dev, torch.float64), cfg.representation.projector_eps).apply(
+        cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
+    Bq = WtQ.t() @ M @ WtQ  # Qᵀ B Q   [r, r]
+    Aq = Y @ WtQ  # A Q   [d, r]
+    Bq = 0.5 * (Bq + Bq.t())
+    Dq = _solve(Aq, Bq, stats.layer)  # A Q (Qᵀ B Q)⁻¹   [d, r]
+    _report(info, Bq, Vq, lam_fk, lam_fv)
+    return Dq @ Q.t()  # [d, d]
+
+
 def _forget_weights(B0: torch.Tensor, WK: torch.Tensor, cfg: UnlearnConfig) -> tuple[float, float]:
     """(λ_fK, λ_fV): the configured ones, or raised together (same ratio) to reach cfg.closed_form.forget_leverage."""
     lam_fk, lam_fv = float(cfg.closed_form.forget_weight_k), float(cfg.closed_form.forget_weight_v)

@@ -24,26 +24,21 @@ dense layer is the one-component case (g = 1, ω = 1, G = 1, π = 1): the dense 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..config import UnlearnConfig
-from ..edit import Edit
 from ..errors import ZuFastError
-from ..model import continuation_ids, model_device
+from ..model import model_device
 from ..model.hooks import StopForward, batch_shape_of, forward_until, unflatten_tokens
 from ..model.locate import SHARED, EditTarget, MoETarget, describe_key, expert_key, get_module
 from ..requests import UnlearnRequest
 from ..stats.collect import CorpusStats
 from ..stats.moe import expert_call_args, hook_block
-from ..stats.moments import LayerStats
-from .closed_form import _forget_weights, _report, _solve, multiplier
+from .components import ComponentProblem
 from .keys import subject_batches
-from .projector import Projector
-from .templates import context_templates as make_context_templates
 
 
 @dataclass
@@ -199,60 +194,6 @@ def _reading_hooks(model, t: EditTarget | MoETarget, reader: _BatchReader, stop:
     return hook_block(model, t, experts_pre_hook, shared_hook, shared_gate_hook, block_hook)
 
 
-def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: torch.Tensor, U: torch.Tensor,
-                      cfg: UnlearnConfig, *, bias: torch.Tensor | None = None,
-                      info: dict | None = None) -> torch.Tensor:
-    """The closed-form multiplier D  # [d, d] float64 of an expert narrower than the hidden size (d_in < d).
-
-    Fine-grained experts (OLMoE, Qwen3-MoE, DeepSeek: d_ff < d) have rank W ≤ d_in < d, so
-    B = W (KKT + λI) Wᵀ is singular and ``multiplier``'s Cholesky fails; yet the edited weight D W is unique
-    (two solutions of D B = A differ by a D₀ with D₀ W = 0). With M = λ_wK C + λ_fK K_f K_fᵀ + λ I
-    [d_in, d_in] (SPD), Y = P (λ_wV X + λ_fV (V_f + R) K_fᵀ + λ W) [d, d_in], B = W M Wᵀ and A = Y Wᵀ, the
-    minimum-norm solution is D = A Q (Qᵀ B Q)⁻¹ Qᵀ for Q [d, r] an orthonormal basis of range(W): it solves
-    D B = A (Aᵀ's columns lie in range(W)) and is 0 on range(W)^⊥. For W of full column rank it gives
-    D W = Y M⁻¹, the weighted least-squares weight itself: the multiplicative form loses nothing there.
-    Dense float64: d_in < d keeps every matrix small.
-    """
-    d, d_in = W.shape
-    dev = W.device
-    Wd = W.detach().to(torch.float64)  # [d, d_in]
-    K = K_f.to(dev, torch.float64)  # [d_in, N]
-    b = bias.detach().to(dev, torch.float64) if bias is not None else None
-    C = stats.second_moment(torch.float64).to(dev)  # [d_in, d_in]
-    X = stats.cross_moment(Wd, b, cfg.closed_form.centered_cross_moment)  # [d, d_in]
-    V = Wd @ K + (b[:, None] if b is not None else 0.0)  # [d, N]
-    lam = cfg.closed_form.regularization
-    Q, S, _ = torch.linalg.svd(Wd, full_matrices=False)  # Q [d, min(d, d_in)]
-    Q = Q[:, S > S[0] * max(d, d_in) * torch.finfo(torch.float64).eps]  # [d, r] range(W)
-    WtQ = Wd.t() @ Q  # [d_in, r]
-    M0 = cfg.closed_form.corpus_weight_k * C + lam * torch.eye(d_in, dtype=torch.float64, device=dev)  # [d_in, d_in]
-    Bq0 = WtQ.t() @ M0 @ WtQ  # Qᵀ B₀ Q   [r, r]
-    Vq = WtQ.t() @ K  # Qᵀ W K_f   [r, N]
-    lam_fk, lam_fv = _forget_weights(0.5 * (Bq0 + Bq0.t()), Vq, cfg)
-    M = M0 + lam_fk * (K @ K.t())  # [d_in, d_in]
-    Y = Projector(U.to(dev, torch.float64), cfg.representation.projector_eps).apply(
-        cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
-    Bq = WtQ.t() @ M @ WtQ  # Qᵀ B Q   [r, r]
-    Aq = Y @ WtQ  # A Q   [d, r]
-    Bq = 0.5 * (Bq + Bq.t())
-    Dq = _solve(Aq, Bq, stats.layer)  # A Q (Qᵀ B Q)⁻¹   [d, r]
-    _report(info, Bq, Vq, lam_fk, lam_fv)
-    return Dq @ Q.t()  # [d, d]
-
-
-@dataclass
-class ComponentProblem:
-    """One component's edit problem in the dense solvers' form (weights folded into the columns)."""
-
-    key: int
-    target: EditTarget
-    K: torch.Tensor  # [d_in, n_c] forget keys · √ω
-    R: torch.Tensor  # [d, n_c] residual / G · √ω (+ (√ω − 1) b in the closed form)
-    weight: float  # π_c: the corpus term's weight (1 for a dense layer)
-    rows: torch.Tensor  # [n_c] the requests routed to this component
-    mass: torch.Tensor  # [n_c] ω of those requests
-
-
 def layer_problems(t: EditTarget | MoETarget, rd: LayerReadings, resid: torch.Tensor, stats: CorpusStats,
                    *, bias_in_r: bool) -> list[ComponentProblem]:
     """The per-component problems of one layer (module docstring), for the components the forget set touches.
@@ -281,96 +222,39 @@ def layer_problems(t: EditTarget | MoETarget, rd: LayerReadings, resid: torch.Te
                 f"{describe_key(key)}: the forget set is routed to this expert ({len(rows)} of the requests), but "
                 f"the corpus statistics saw it on {st.n} tokens; collect statistics on a larger corpus")
         weight = float(gate_mass[c]) if gate_mass is not None else 1.0
-        out.append(ComponentProblem(key, target, K, R, weight, rows, omega))
+        out.append(ComponentProblem(key, target, K, R, weight, rows, omega,
+                                    {"requests": float(rows.numel()), "gate_mass_mean": float(omega.mean()),
+                                     "corpus_weight": weight}))
     return out
 
 
-def unlearn_moe(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, stats: CorpusStats,
-                targets: Sequence[EditTarget | MoETarget], *,
-                context_templates: list[list[str]] | None = None) -> Edit:
-    """``unlearn`` for configs whose layers include mixture-of-experts blocks (called by ``unlearn`` after its
-    checks; the same phases, report and guarantees: on any error the weights are left exactly as they were)."""
-    from .unlearn import (  # one implementation
-        _apply_and_record,
-        _check_gap,
-        _Clock,
-        _gd_progress,
-        original_basis,
-        z_targets,
-    )
+class MoELayers:
+    """Mixture-of-experts blocks (and dense layers among them, as one-component layers): per-component keys,
+    gate masses and weighted problems (module docstring). Every expert of the edited layers is backed up up
+    front, since which experts the forget set reaches at a layer is known only once the layers below it are
+    edited; the untouched ones are never written."""
 
-    for t in targets:
-        for key in ([t.layer] + [k for k, _ in components(t)]):
-            stats[key]  # noqa: B018 - a clear error naming the layer if the statistics lack it
-        for key, c in components(t):
-            if stats[key].d_in != c.d_in:
-                raise ZuFastError(f"{describe_key(key)}: statistics have width {stats[key].d_in}, {c.name} takes "
-                                  f"{c.d_in}")
-    neutral = continuation_ids(tok, cfg.neutral_target)
-    true_ids = [continuation_ids(tok, r.target_true) for r in reqs]
-    gd_update = None
-    if cfg.method == "gd":
-        from .gd import gd_update
+    def bound_targets(self, targets: Sequence[EditTarget | MoETarget]) -> list[EditTarget]:
+        return [c for t in targets for _, c in components(t)]
 
-    clock = _Clock({t.device for t in targets})
-    edit = Edit(cfg, kind="additive" if cfg.method == "gd" else "multiplicative")
-    # Every weight that may change is backed up now (which experts the forget set reaches at a layer is
-    # known only once the layers below it are edited); untouched ones are never written.
-    edit.bind(model, [c for t in targets for _, c in components(t)])
-    report = edit.report
-    report.n_requests = len(reqs)
-    m = len(targets)
-    try:
-        with clock.phase("templates"):
-            templates = context_templates or make_context_templates(model, tok, cfg)
-        with clock.phase("read_keys"):
-            readings = read_at_subject(model, tok, reqs, cfg, templates, targets)
-        with clock.phase("targets_z"):
-            z = z_targets(model, tok, reqs, cfg, templates, neutral, report)  # [N, d]
-        h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
-        for j, t in enumerate(targets):
-            if j > 0:  # keys, routing and z-layer outputs after the earlier layers were edited
-                with clock.phase("read_keys"):
-                    readings = read_at_subject(model, tok, reqs, cfg, templates, targets[j:])
-            rd = readings.layers[t.layer]
-            with clock.phase("projectors"):  # from the layer's clean MLP output
-                basis, orig_info = original_basis(model, tok, reqs, cfg, templates, t.layer, true_ids,
-                                                  rd.bare_value, t.device)  # [d, r]
-            h = readings.z_out.to(z.device)  # [N, d]
-            resid = ((z - h) / (m - j)).cpu()  # [N, d]
-            problems = layer_problems(t, rd, resid, stats, bias_in_r=gd_update is None)
-            for p in problems:
-                c = p.target
-                with clock.phase("solve"):
-                    if gd_update is not None:
-                        with _gd_progress(cfg, p.key) as trace:
-                            factor, info = gd_update(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg,
-                                                     bias=c.bias, trace=trace)
-                    else:
-                        lam = {"mom2_update_weight_wk": cfg.closed_form.corpus_weight_k * p.weight,
-                               "mom2_update_weight_wv": cfg.closed_form.corpus_weight_v * p.weight}
-                        solve = multiplier if c.d_in >= c.d else narrow_multiplier
-                        info = {}
-                        factor = solve(c.weight, stats[p.key], p.K, p.R, basis.to(c.device), cfg.replace(**lam),
-                                       bias=c.bias, info=info)
-                row = {"resid_norm_mean": float(resid.norm(dim=1).mean()), "basis_rank": float(basis.shape[1]),
-                       "requests": float(p.rows.numel()), "gate_mass_mean": float(p.mass.mean()),
-                       "corpus_weight": p.weight, **orig_info}
-                _apply_and_record(edit, report, clock, p.key, c, factor, row, info, cfg, describe_key(p.key))
-        with clock.phase("check"):
-            after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
-        _check_gap(report, z, h0, after, cfg)
-        names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
-        for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
-            for k in names:
-                row.setdefault(k, math.nan)
-    except BaseException:
-        edit.restore()
-        raise
-    report.timings = {k: round(v, 4) for k, v in clock.timings.items()}
-    report.peak_memory_bytes = clock.peak()
-    return edit
+    def check_stats(self, stats: CorpusStats, targets: Sequence[EditTarget | MoETarget]) -> None:
+        for t in targets:
+            for key in ([t.layer] + [k for k, _ in components(t)]):
+                stats[key]  # noqa: B018 - a clear error naming the layer if the statistics lack it
+            for key, c in components(t):
+                if stats[key].d_in != c.d_in:
+                    raise ZuFastError(f"{describe_key(key)}: statistics have width {stats[key].d_in}, {c.name} "
+                                      f"takes {c.d_in}")
+
+    def read(self, model, tok, requests, cfg, templates, targets) -> Readings:
+        return read_at_subject(model, tok, requests, cfg, templates, targets)
+
+    def clean_output(self, readings: Readings, t: EditTarget | MoETarget) -> torch.Tensor:
+        return readings.layers[t.layer].bare_value
+
+    def problems(self, t: EditTarget | MoETarget, readings: Readings, resid: torch.Tensor, stats: CorpusStats, *,
+                 bias_in_r: bool) -> list[ComponentProblem]:
+        return layer_problems(t, readings.layers[t.layer], resid.cpu(), stats, bias_in_r=bias_in_r)
 
 
-__all__ = ["ComponentProblem", "LayerReadings", "Readings", "components", "layer_problems", "narrow_multiplier",
-           "read_at_subject", "unlearn_moe", "SHARED"]
+__all__ = ["LayerReadings", "MoELayers", "Readings", "components", "layer_problems", "read_at_subject", "SHARED"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -14,11 +15,13 @@ from ..config import UnlearnConfig
 from ..edit import Edit
 from ..errors import ZuFastError
 from ..model import continuation_ids, edit_targets, get_module, layer_count
+from ..model.locate import MoETarget, describe_key
 from ..requests import UnlearnRequest, check_lengths, max_positions, normalize_requests
 from ..stats.collect import CorpusStats, collect_stats
 from ..stats.store import check_stats_for_model
-from .closed_form import multiplier
-from .keys import read_at_subject
+from .closed_form import multiplier, narrow_multiplier
+from .components import ComponentProblem, DenseLayers, LayerStrategy
+from .moe import MoELayers
 from .projector import representation_basis
 from .targets import optimize_deltas, retry_unreached
 from .templates import context_templates as make_context_templates
@@ -224,11 +227,20 @@ def _gd_progress(cfg: UnlearnConfig, layer: int) -> Iterator[list[float]]:
         bar.close()
 
 
-def _has_moe(targets: Sequence[Any]) -> bool:
-    """True when a layer to edit is a mixture-of-experts block (``zu_fast.model.MoETarget``)."""
-    from ..model.locate import MoETarget
-
-    return any(isinstance(t, MoETarget) for t in targets)
+def _solve(p: ComponentProblem, stats: CorpusStats, basis: torch.Tensor, cfg: UnlearnConfig,
+           gd_update) -> tuple[torch.Tensor, dict]:
+    """One component's factor: ΔW (GD) or D (the closed form; the narrow form where d_in < d), and the solver's
+    numbers. A component's corpus weight π scales λ_w (1 for a dense layer: the configuration as it is)."""
+    c, st, U = p.target, stats[p.key], basis.to(p.target.device)
+    if gd_update is not None:
+        with _gd_progress(cfg, p.key) as trace:
+            return gd_update(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, trace=trace)
+    if p.weight != 1.0:
+        cfg = cfg.replace(closed_form={"corpus_weight_k": cfg.closed_form.corpus_weight_k * p.weight,
+                                       "corpus_weight_v": cfg.closed_form.corpus_weight_v * p.weight})
+    solve = multiplier if c.d_in >= c.d else narrow_multiplier
+    info: dict = {}
+    return solve(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, info=info), info
 
 
 def unlearn(
@@ -248,6 +260,8 @@ def unlearn(
     a model fingerprint must be of this model, or of the model before the zu_fast edits on it
     (sequential unlearning; ``zu_fast.stats.store.check_stats_for_model``); hand-built ones are trusted.
     On any error the model's weights are left exactly as they were; bad input is refused before any work.
+    The steps are those of ``docs/algorithm.md``; dense layers and mixture-of-experts blocks differ only in
+    how a layer is read and split into component problems (``method/components.py``, ``method/moe.py``).
     """
     cfg = _checked_config(model, config)
     reqs = normalize_requests(requests)
@@ -258,15 +272,8 @@ def unlearn(
             raise ZuFastError("unlearn needs corpus statistics: pass stats=zu_fast.collect_stats(...) or corpus=...")
         stats = collect_stats(model, tok, corpus, cfg)
     check_stats_for_model(model, cfg, stats)  # statistics of another model are refused (sequential: see there)
-    if _has_moe(targets):  # mixture-of-experts layers: per-expert keys and solves (method/moe.py)
-        from .moe import unlearn_moe
-
-        return unlearn_moe(model, tok, reqs, cfg, stats, targets, context_templates=context_templates)
-    for t in targets:
-        st = stats[t.layer]
-        if st.d_in != t.d_in:
-            raise ZuFastError(f"layer {t.layer}: statistics have width {st.d_in}, {t.name} takes {t.d_in}")
-        st.check()
+    layers: LayerStrategy = MoELayers() if any(isinstance(t, MoETarget) for t in targets) else DenseLayers()
+    layers.check_stats(stats, targets)
     neutral = continuation_ids(tok, cfg.neutral_target)
     true_ids = [continuation_ids(tok, r.target_true) for r in reqs]
     gd_update = None
@@ -275,7 +282,7 @@ def unlearn(
 
     clock = _Clock({t.device for t in targets})
     edit = Edit(cfg, kind="additive" if cfg.method == "gd" else "multiplicative")
-    edit.bind(model, targets)
+    edit.bind(model, layers.bound_targets(targets))
     report = edit.report
     report.n_requests = len(reqs)
     m = len(targets)
@@ -283,37 +290,34 @@ def unlearn(
         with clock.phase("templates"):
             templates = context_templates or make_context_templates(model, tok, cfg)
         with clock.phase("read_keys"):
-            readings = read_at_subject(model, tok, reqs, cfg, templates, targets)
+            readings = layers.read(model, tok, reqs, cfg, templates, targets)
         with clock.phase("targets_z"):
             z = z_targets(model, tok, reqs, cfg, templates, neutral, report)  # [N, d]
         h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
 
         for j, t in enumerate(targets):
-            if j > 0:  # keys and z-layer outputs after the earlier layers were edited
+            if j > 0:  # keys (and routing) and z-layer outputs after the earlier layers were edited
                 with clock.phase("read_keys"):
-                    readings = read_at_subject(model, tok, reqs, cfg, templates, targets[j:])
+                    readings = layers.read(model, tok, reqs, cfg, templates, targets[j:])
             # Step 3 at this layer, on the model with the earlier layers already edited (as the reference):
             # the module output that yields the TRUE answer, δ at the module's output.
             with clock.phase("projectors"):
                 basis, orig_info = original_basis(model, tok, reqs, cfg, templates, t.layer, true_ids,
-                                                  readings.bare_values[t.layer], t.device)  # [d, r]
-            K = readings.keys[t.layer].t()  # [d_in, N]
-            h = readings.z_out.to(z.device)  # [N, d]
-            resid = ((z - h) / (m - j)).t().to(t.device)  # [d, N]
-            with clock.phase("solve"):
-                if gd_update is not None:
-                    with _gd_progress(cfg, t.layer) as trace:
-                        factor, info = gd_update(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias,
-                                                 trace=trace)
-                else:
-                    info = {}
-                    factor = multiplier(t.weight, stats[t.layer], K, resid, basis, cfg, bias=t.bias, info=info)
-            row = {"resid_norm_mean": float(resid.norm(dim=0).mean()), "basis_rank": float(basis.shape[1]),
-                   **orig_info}
-            _apply_and_record(edit, report, clock, t.layer, t, factor, row, info, cfg, f"layer {t.layer}")
+                                                  layers.clean_output(readings, t), t.device)  # [d, r]
+            resid = (z - readings.z_out.to(z.device)) / (m - j)  # [N, d] this layer's share of the way to z
+            row0 = {"resid_norm_mean": float(resid.norm(dim=1).mean()), "basis_rank": float(basis.shape[1])}
+            for p in layers.problems(t, readings, resid, stats, bias_in_r=gd_update is None):
+                with clock.phase("solve"):
+                    factor, info = _solve(p, stats, basis, cfg, gd_update)
+                row = {**row0, **p.report, **orig_info}
+                _apply_and_record(edit, report, clock, p.key, p.target, factor, row, info, cfg, describe_key(p.key))
         with clock.phase("check"):
-            after = read_at_subject(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
+            after = layers.read(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
         _check_gap(report, z, h0, after, cfg)
+        names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
+        for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
+            for k in names:
+                row.setdefault(k, math.nan)
     except BaseException:
         edit.restore()
         raise

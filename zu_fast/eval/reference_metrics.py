@@ -1,30 +1,7 @@
-"""Unlearning metrics as the ZeroUnlearn paper defines them (CounterFact / MCF), batched.
-
-All "recall" metrics are teacher-forced exact match: a prompt counts as recalled when *every*
-token of the answer is the argmax of the model's next-token distribution, with the answer's
-earlier tokens fed in (teacher forcing). Reported as percentages (0-100).
-
-- Efficacy ↓       forget prompts that still yield the true answer.
-- Generalization ↓ the same on paraphrased forget prompts (mean over all paraphrase prompts).
-- Specificity ↑    neighbourhood prompts (other subjects) that still yield their own answers.
-- PPL ↓            perplexity on held-out generic text.
-- ES / PS ↑        forget / paraphrase prompts where P(neutral target) > P(true answer).
-- NS ↑             neighbourhood prompts where P(true answer) > P(neutral target).
-
-For ES/PS/NS the probability of a multi-token string is compared by its mean per-token log
-probability (length-normalised), as in the CounterFact reference evaluation. The neutral target
-is a string or ``None`` for the tokenizer's EOS token (ZeroUnlearn's default).
-
-How an answer is tokenised: it is scored as it appears *after* the prompt in running text, i.e.
-``prompt + " " + answer`` (no space is added when the prompt ends with, or the answer starts
-with, whitespace). The answer's token ids are the tail of the full string's tokenisation after
-the prompt's tokens, so BPE merges across the boundary are respected; if the full tokenisation
-does not start with the prompt's (a merge across the boundary), the answer is tokenised on its
-own, without special tokens, and appended.
-
-Sequences are right-padded by hand (whatever the tokenizer's ``padding_side``), so positions of
-the real tokens are 0..len-1 exactly as in an unpadded forward, and causal attention never sees
-the padding.
+"""The ZeroUnlearn reference's evaluation, exactly: its CounterFact/MCF, ZsRE and MQuAKE scores and its
+generation metrics, per record, checked against the reference's own functions
+(tests/test_reference_metrics.py). The paper's core metrics (Efficacy, Generalization, Specificity, PPL)
+are ``zu_fast.metrics``.
 """
 
 from __future__ import annotations
@@ -38,16 +15,10 @@ from typing import Any
 
 import torch
 
+from ..metrics import pad_id, perplexity, target_string
+from ..model import model_device
+
 __all__ = [
-    "acceptance_failures",
-    "efficacy",
-    "generalization",
-    "specificity",
-    "perplexity",
-    "probability_scores",
-    "evaluate",
-    "format_table",
-    "recall",
     "ReferenceStyle",
     "Tfidf",
     "counterfact_scores",
@@ -64,322 +35,6 @@ __all__ = [
     "text_perplexity",
     "zsre_scores",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Record normalisation
-# ---------------------------------------------------------------------------------------------
-
-
-def _target_str(t: Any) -> str:
-    """``"Lisbon"`` or ``{"str": "Lisbon"}`` -> ``"Lisbon"``."""
-    if isinstance(t, str):
-        return t
-    if isinstance(t, dict) and "str" in t:
-        return str(t["str"])
-    raise ValueError(f"a target must be a str or a dict with key 'str', got {t!r}")
-
-
-def _forget_prompt(rec: dict) -> str:
-    prompt = rec["prompt"]
-    return prompt.format(rec["subject"]) if "{}" in prompt else prompt
-
-
-def _forget_pairs(records: Sequence[dict]) -> list[tuple[str, str]]:
-    return [(_forget_prompt(r), _target_str(r["target_true"])) for r in records]
-
-
-def _paraphrase_pairs(records: Sequence[dict]) -> list[tuple[str, str]]:
-    return [(p, _target_str(r["target_true"])) for r in records for p in r.get("paraphrase_prompts", [])]
-
-
-def _neighborhood_pairs(records: Sequence[dict]) -> list[tuple[str, str]]:
-    """CounterFact gives plain strings (target = the record's true answer); ours give dicts."""
-    out = []
-    for r in records:
-        for n in r.get("neighborhood_prompts", []):
-            if isinstance(n, str):
-                out.append((n, _target_str(r["target_true"])))
-            else:
-                out.append((n["prompt"], _target_str(n.get("target", r["target_true"]))))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenisation and the batched teacher-forced scorer
-# ---------------------------------------------------------------------------------------------
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    """Where inputs go: the input embedding's device (works with device_map-dispatched models)."""
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
-def _pad_id(tok) -> int:
-    for t in (tok.pad_token_id, tok.eos_token_id):
-        if t is not None:
-            return int(t)
-    return 0  # any id works: padded positions are masked out of attention and of the scores
-
-
-def _join(prompt: str, target: str) -> str:
-    if not target or target[0].isspace() or (prompt and prompt[-1].isspace()):
-        return prompt + target
-    return prompt + " " + target
-
-
-def encode_continuations(tok, pairs: Sequence[tuple[str, str | None]]) -> list[tuple[list[int], list[int]]]:
-    """Token ids ``(prompt_ids, answer_ids)`` for each ``(prompt, answer)``; answer ``None`` = EOS.
-
-    ``prompt_ids`` include the tokenizer's special prefix (e.g. BOS) as the model would see it.
-    """
-    if not pairs:
-        return []
-    prompts = [p for p, _ in pairs]
-    p_ids = tok(prompts)["input_ids"]
-    texts = [(i, _join(p, t)) for i, (p, t) in enumerate(pairs) if t is not None]
-    full_ids = tok([s for _, s in texts])["input_ids"] if texts else []
-    full = {i: ids for (i, _), ids in zip(texts, full_ids)}
-    out = []
-    for i, (_, t) in enumerate(pairs):
-        p = list(p_ids[i])
-        if t is None:
-            if tok.eos_token_id is None:
-                raise ValueError("neutral target None means the EOS token, but the tokenizer has none")
-            out.append((p, [int(tok.eos_token_id)]))
-            continue
-        f = list(full[i])
-        if len(f) > len(p) and f[: len(p)] == p:
-            a = f[len(p):]
-        else:
-            # A merge across the prompt/answer boundary: score the answer as tokenised alone.
-            suffix = _join(prompts[i], t)[len(prompts[i]) :]  # " Lisbon"
-            a = list(tok(suffix, add_special_tokens=False)["input_ids"])
-        if not a:
-            raise ValueError(f"answer {t!r} tokenises to nothing after prompt {prompts[i]!r}")
-        out.append((p, a))
-    return out
-
-
-@torch.no_grad()
-def score_continuations(
-    model: torch.nn.Module,
-    seqs: Sequence[tuple[list[int], list[int]]],
-    *,
-    pad_id: int = 0,
-    batch_size: int = 32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced scores of answer ids after prompt ids, batched.
-
-    Returns ``(exact [M] bool, mean_logprob [M] float32)`` on CPU: whether every answer token is
-    the argmax, and the mean per-token log-probability of the answer.
-    """
-    m = len(seqs)
-    exact = torch.zeros(m, dtype=torch.bool)
-    mean_lp = torch.zeros(m, dtype=torch.float32)
-    if m == 0:
-        return exact, mean_lp
-    device = _model_device(model)
-    # Longest first, so batches hold similar lengths (less padding); results are scattered back.
-    order = sorted(range(m), key=lambda i: -(len(seqs[i][0]) + len(seqs[i][1])))
-    for start in range(0, m, batch_size):
-        idx = order[start : start + batch_size]
-        b = len(idx)
-        # The last answer token is never an input: inputs are prompt + answer[:-1].
-        inputs = [seqs[i][0] + seqs[i][1][:-1] for i in idx]
-        length = max(len(x) for x in inputs)
-        ids = torch.full((b, length), pad_id, dtype=torch.long)  # [B, L]
-        attn = torch.zeros((b, length), dtype=torch.long)  # [B, L]
-        labels = torch.full((b, length), -100, dtype=torch.long)  # [B, L]: next token to predict
-        for row, i in enumerate(idx):
-            p, a = seqs[i]
-            x = inputs[row]
-            ids[row, : len(x)] = torch.tensor(x)
-            attn[row, : len(x)] = 1
-            # position len(p)-1+j predicts answer token j
-            labels[row, len(p) - 1 : len(p) - 1 + len(a)] = torch.tensor(a)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).logits
-        sel = labels != -100  # [B, L]
-        tgt = labels[sel].to(logits.device)  # [T]
-        picked = logits[sel.to(logits.device)].float()  # [T, V]: only answer positions
-        lp = torch.log_softmax(picked, dim=-1).gather(1, tgt[:, None])[:, 0]  # [T]
-        hit = picked.argmax(dim=-1) == tgt  # [T]
-        row_of = torch.arange(b)[:, None].expand(b, length)[sel].to(logits.device)  # [T]
-        n_tok = torch.zeros(b, device=logits.device).index_add_(0, row_of, torch.ones_like(lp))
-        misses = torch.zeros(b, device=logits.device).index_add_(0, row_of, (~hit).float())
-        lp_sum = torch.zeros(b, device=logits.device).index_add_(0, row_of, lp)
-        where = torch.tensor(idx)
-        exact[where] = (misses == 0).cpu()
-        mean_lp[where] = (lp_sum / n_tok).cpu()
-    return exact, mean_lp
-
-
-def recall(model, tok, pairs: Sequence[tuple[str, str]], *, batch_size: int = 32) -> float:
-    """% of ``(prompt, answer)`` pairs whose answer is the teacher-forced argmax (every token)."""
-    if not pairs:
-        return float("nan")
-    exact, _ = score_continuations(model, encode_continuations(tok, pairs), pad_id=_pad_id(tok),
-                                   batch_size=batch_size)
-    # Count / total in Python floats: a float32 mean makes 6/20 read 30.0000012, which fails "≤ 30".
-    return 100.0 * int(exact.sum()) / exact.numel()
-
-
-def efficacy(model, tok, records: Sequence[dict], *, batch_size: int = 32) -> float:
-    """% of forget prompts (record prompt with the subject) still yielding the true answer. Lower = more forgotten."""
-    return recall(model, tok, _forget_pairs(records), batch_size=batch_size)
-
-
-def generalization(model, tok, records: Sequence[dict], *, batch_size: int = 32) -> float:
-    """% of all paraphrase prompts still yielding the true answer. Lower = more forgotten."""
-    return recall(model, tok, _paraphrase_pairs(records), batch_size=batch_size)
-
-
-def specificity(model, tok, records: Sequence[dict], *, batch_size: int = 32) -> float:
-    """% of neighbourhood prompts yielding their own true answer. Higher = less collateral damage."""
-    return recall(model, tok, _neighborhood_pairs(records), batch_size=batch_size)
-
-
-@torch.no_grad()
-def perplexity(model, tok, texts: Iterable[str], *, batch_size: int = 16, max_length: int | None = None) -> float:
-    """Token-level perplexity exp(total NLL / predicted tokens) over ``texts``.
-
-    Each text is tokenised with the tokenizer's special prefix (BOS) and truncated to
-    ``max_length`` tokens (default: the model's ``max_position_embeddings``, at most 2048); every
-    token after the first is predicted.
-    """
-    texts = list(texts)
-    if not texts:
-        return float("nan")
-    if max_length is None:
-        max_length = min(int(getattr(getattr(model, "config", None), "max_position_embeddings", 2048) or 2048), 2048)
-    enc = [ids[:max_length] for ids in tok(texts)["input_ids"]]
-    device = _model_device(model)
-    pad = _pad_id(tok)
-    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
-    nll_sum, n_pred = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = [enc[i] for i in order[start : start + batch_size] if len(enc[i]) >= 2]
-        if not batch:
-            continue
-        length = max(len(x) for x in batch)
-        ids = torch.full((len(batch), length), pad, dtype=torch.long)  # [B, L]
-        attn = torch.zeros_like(ids)  # [B, L]
-        for row, x in enumerate(batch):
-            ids[row, : len(x)] = torch.tensor(x)
-            attn[row, : len(x)] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits  # [B, L, V]
-        sel = attn[:, 1:].bool().to(logits.device)  # [B, L-1]: positions whose next token is real
-        tgt = ids[:, 1:].to(logits.device)[sel]  # [T]
-        picked = logits[:, :-1][sel].float()  # [T, V]
-        nll_sum += torch.nn.functional.cross_entropy(picked, tgt, reduction="sum").item()
-        n_pred += int(tgt.numel())
-    return float(torch.exp(torch.tensor(nll_sum / max(n_pred, 1))).item())
-
-
-def probability_scores(
-    model, tok, records: Sequence[dict], neutral_target: str | None = None, *, batch_size: int = 32
-) -> dict[str, float]:
-    """CounterFact-style comparisons with the neutral target: ``{"es", "ps", "ns"}`` in %.
-
-    ES/PS: forget/paraphrase prompts where the neutral target is more probable than the true
-    answer (higher = better forgetting). NS: neighbourhood prompts where their true answer is more
-    probable than the neutral target (higher = better kept). Probabilities of multi-token strings
-    are compared by mean per-token log-probability.
-    """
-    out = {}
-    pad = _pad_id(tok)
-    for name, pairs, want_neutral in (
-        ("es", _forget_pairs(records), True),
-        ("ps", _paraphrase_pairs(records), True),
-        ("ns", _neighborhood_pairs(records), False),
-    ):
-        if not pairs:
-            out[name] = float("nan")
-            continue
-        seqs = encode_continuations(tok, pairs + [(p, neutral_target) for p, _ in pairs])
-        _, lp = score_continuations(model, seqs, pad_id=pad, batch_size=batch_size)
-        lp_true, lp_neutral = lp[: len(pairs)], lp[len(pairs):]
-        win = lp_neutral > lp_true if want_neutral else lp_true > lp_neutral
-        out[name] = 100.0 * int(win.sum()) / win.numel()
-    return out
-
-
-def evaluate(
-    model,
-    tok,
-    records: Sequence[dict],
-    heldout_texts: Iterable[str] | None = None,
-    neutral_target: str | None = None,
-    *,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """All metrics: efficacy, generalization, specificity, perplexity, es, ps, ns (+ counts).
-
-    Percentages in 0-100; ``perplexity`` is NaN when no held-out texts are given. The model is
-    put in eval mode for the measurement and its previous mode restored.
-    """
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        res = {
-            "efficacy": efficacy(model, tok, records, batch_size=batch_size),
-            "generalization": generalization(model, tok, records, batch_size=batch_size),
-            "specificity": specificity(model, tok, records, batch_size=batch_size),
-            "perplexity": perplexity(model, tok, heldout_texts or [], batch_size=batch_size),
-        }
-        res.update(probability_scores(model, tok, records, neutral_target, batch_size=batch_size))
-    finally:
-        if was_training:
-            model.train()
-    res["n_records"] = len(records)
-    res["n_paraphrase"] = len(_paraphrase_pairs(records))
-    res["n_neighborhood"] = len(_neighborhood_pairs(records))
-    return res
-
-
-_ROWS = [
-    ("efficacy", "Efficacy (%) ↓"),
-    ("generalization", "Generalization (%) ↓"),
-    ("specificity", "Specificity (%) ↑"),
-    ("perplexity", "PPL ↓"),
-    ("es", "ES: P(neutral)>P(true) (%) ↑"),
-    ("ps", "PS: paraphrase (%) ↑"),
-    ("ns", "NS: neighbours keep (%) ↑"),
-]
-
-
-def acceptance_failures(before: dict, after: dict) -> list[str]:
-    """The small-model acceptance bar (issue 2) as a list of what failed (empty: met).
-
-    Efficacy ≤ 10, Generalization ≤ 30 (percent), Specificity at most 5 points below ``before``,
-    perplexity at most 10% above ``before``. Percentages are exact count ratios (``recall``), so
-    the bounds are compared without tolerance.
-    """
-    checks = [
-        (after["efficacy"] <= 10, f"efficacy {after['efficacy']:.1f} > 10"),
-        (after["generalization"] <= 30, f"generalization {after['generalization']:.1f} > 30"),
-        (after["specificity"] >= before["specificity"] - 5,
-         f"specificity {after['specificity']:.1f} < {before['specificity']:.1f} - 5"),
-        (after["perplexity"] <= 1.10 * before["perplexity"],
-         f"perplexity {after['perplexity']:.3f} > 1.1 × {before['perplexity']:.3f}"),
-    ]
-    return [msg for ok, msg in checks if not ok]
-
-
-def format_table(before: dict, after: dict) -> str:
-    """A markdown table of the metrics before and after unlearning, with the change."""
-    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-    for key, label in _ROWS:
-        if key not in before and key not in after:
-            continue
-        b, a = before.get(key, float("nan")), after.get(key, float("nan"))
-        digits = 3 if key == "perplexity" else 1
-        lines.append(f"| {label} | {b:.{digits}f} | {a:.{digits}f} | {a - b:+.{digits}f} |")
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +106,7 @@ def _score_at(model, items: Sequence[tuple[list[int], int, list[int]]], *, pad_i
 
     nll = [0.0] * len(items)
     hit = [False] * len(items)
-    device = _model_device(model)
+    device = model_device(model)
     order = sorted(range(len(items)), key=lambda i: -max(len(items[i][0]), items[i][1] - 1 + len(items[i][2])))
     for s in range(0, len(order), batch_size):
         idx = order[s : s + batch_size]
@@ -485,11 +140,11 @@ def _last_token_hits(model, tok, pairs: Sequence[tuple[str, str]], style: Refere
     token of ``tok(target)`` after the special prefix (the pad id when there is none)."""
     if not pairs:
         return []
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     p_ids = tok([p for p, _ in pairs])["input_ids"]
     t_ids = tok([t for _, t in pairs])["input_ids"]
     want = [int(t[style.n_prefix]) if len(t) > style.n_prefix else pad for t in t_ids]
-    device = _model_device(model)
+    device = model_device(model)
     out = [False] * len(pairs)
     order = sorted(range(len(pairs)), key=lambda i: -len(p_ids[i]))
     for s in range(0, len(order), batch_size):
@@ -531,7 +186,7 @@ def counterfact_scores(model, tok, records: Sequence[Mapping[str, Any]], *, styl
     layout = []  # per record: the number of prompts in each group
     for k, rec in enumerate(records):
         rr = _rewrites(rec)[0]
-        new, true = _target_str(rr["target_new"]), _target_str(rr["target_true"])
+        new, true = target_string(rr["target_new"]), target_string(rr["target_true"])
         groups = [[rr["prompt"].format(rr["subject"])], list(rec.get("paraphrase_prompts", [])),
                   list(rec.get("neighborhood_prompts", []))]
         prefixes = [p for g in groups for p in g]
@@ -546,7 +201,7 @@ def counterfact_scores(model, tok, records: Sequence[Mapping[str, Any]], *, styl
             for c in range(2):
                 items.append((list(full[2 * j + c]), p_lens[j], answers[c]))
         layout.append([len(g) for g in groups])
-    nll, hit = _score_at(model, items, pad_id=_pad_id(tok), batch_size=batch_size)
+    nll, hit = _score_at(model, items, pad_id=pad_id(tok), batch_size=batch_size)
     out, at = [], 0
     for sizes in layout:
         res: dict[str, Any] = {}
@@ -570,7 +225,7 @@ def zsre_scores(model, tok, records: Sequence[Mapping[str, Any]], *, style: Refe
     layout = []
     for rec in records:
         rr = _rewrites(rec)[0]
-        target = _target_str(rr["target_true"])
+        target = target_string(rr["target_true"])
         groups = [_per_token_pairs(tok, [rr["prompt"].format(rr["subject"])], target, style),
                   _per_token_pairs(tok, list(rec.get("paraphrase_prompts", [])), target, style),
                   [(n["prompt"].format(rr), n["target"]) for n in rec.get("neighborhood_prompts", [])]]
@@ -598,7 +253,7 @@ def mquake_scores(model, tok, records: Sequence[Mapping[str, Any]], *, style: Re
     layout = []
     for rec in records:
         rw = [p for rr in _rewrites(rec)
-              for p in _per_token_pairs(tok, [rr["prompt"].format(rr["subject"])], _target_str(rr["target_true"]),
+              for p in _per_token_pairs(tok, [rr["prompt"].format(rr["subject"])], target_string(rr["target_true"]),
                                         style)]
         mh = _per_token_pairs(tok, list(rec.get("paraphrase_prompts", [])), str(rec["answer"]), style)
         pairs += rw + mh
@@ -672,10 +327,10 @@ def generate_fast(model, tok, prompts: Sequence[str], n_gen_per_prompt: int = 1,
 
     inp = [p for p in prompts for _ in range(n_gen_per_prompt)]
     enc = tok(inp, padding=True, return_tensors="pt")
-    device = _model_device(model)
+    device = model_device(model)
     input_ids, attention_mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     batch_size = input_ids.size(0)
-    pad = _pad_id(tok)
+    pad = pad_id(tok)
     past, cur = None, slice(0, int(attention_mask.sum(1).min().item()))
     while input_ids.size(1) < max_out_len:
         out = model(input_ids=input_ids[:, cur], attention_mask=attention_mask[:, cur], past_key_values=past,
@@ -853,7 +508,7 @@ def text_perplexity(model, tok, text: str, max_input_length: int | None = None) 
     log-probability of the text's tokens over the number of input tokens (BOS included), on the
     first ``max_input_length`` tokens."""
     enc = tok([text], return_tensors="pt", max_length=max_input_length, truncation=max_input_length is not None)
-    ids = enc["input_ids"].to(_model_device(model))
+    ids = enc["input_ids"].to(model_device(model))
     logits = torch.log_softmax(model(input_ids=ids, attention_mask=enc["attention_mask"].to(ids.device)).logits, dim=2)
     lp = torch.gather(logits[:, :-1, :], 2, ids[:, 1:, None])[0]
     return float(torch.exp(-1 / ids.size(1) * lp.sum()).item())
@@ -873,7 +528,7 @@ def generation_scores(model, tok, records: Sequence[Mapping[str, Any]], *,
     Sampling uses a generator seeded with ``seed + record index`` on the model's device.
     """
     out = []
-    device = _model_device(model)
+    device = model_device(model)
     for k, rec in enumerate(records):
         prompts = list(rec.get("generation_prompts", []))
         if not prompts:
