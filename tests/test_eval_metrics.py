@@ -298,7 +298,7 @@ def test_word_tokenize_without_nltk_follows_nltk(monkeypatch, text, words):
 
 
 def test_ngram_entropy_by_hand(monkeypatch):
-    monkeypatch.setattr(M, "word_tokenize", lambda s: s.split())
+    monkeypatch.setattr(RM, "word_tokenize", lambda s: s.split())
     # bigrams ab, ba, ab: p = 2/3, 1/3; trigrams aba, bab: p = 1/2, 1/2
     h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
     assert RM.compute_ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
