@@ -1,4 +1,4 @@
-"""pytest-benchmark: the batched target optimisation (ALGORITHM.md step 2) on the project's small model.
+"""pytest-benchmark: the batched target optimisation (docs/algorithm.md, step 2) on the project's small model.
 
     pytest benchmarks/bench_targets.py --benchmark-only
 

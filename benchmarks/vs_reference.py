@@ -8,7 +8,7 @@ corpus (``--texts`` short texts), fixed context templates, forget requests and t
 (λ_wK = λ_wV = 15000, λ_fK = λ_fV = 50 (GD: 10), λ = 1, v_lr 0.1, 25 steps, clamp 0.75, decay 0.5,
 KL 0.0625). The reference runs on CPU from the corpus given here (a stand-in ``datasets`` module
 answers its ``load_from_disk``); its statistics are collected on the unedited model before the edit
-(``--reference-stats clean``, the "once per model, cached" regime of ALGORITHM.md step 4) or inside
+(``--reference-stats clean``, the "once per model, cached" regime of docs/algorithm.md, step 4) or inside
 its per-layer loop as a fresh run without a disk cache does (``in-loop``: layer l_j's statistics then
 see layers l_1..l_{j−1} already edited).
 

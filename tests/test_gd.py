@@ -1,6 +1,6 @@
 """ZeroUnlearn-GD: the fast implementation against a faithful dense float64 reference.
 
-``reference_gd`` is the reference algorithm as written (ALGORITHM.md "ZeroUnlearn-GD"): a full SVD
+``reference_gd`` is the reference algorithm as written (docs/algorithm.md, "ZeroUnlearn-GD"): a full SVD
 of C, a dense P_null, a dense float64 Δ optimised by torch.optim.Adam through autograd. The
 benchmark (benchmarks/gd_speed.py) imports it from here.
 """

@@ -9,7 +9,7 @@ projector bases, and its edited weights for the closed form and for GD.
 
 Given the reference's statistics (as ``measured`` LayerStats), zu_fast's whole pipeline must land on
 the reference's edited weights: closed form within 1e-3 of the edit's size, GD within 1e-2 (same
-null space). Each of the 2026-12-01 corrections of ALGORITHM.md (uncentred cross moment, step 3's δ at
+null space). Each of the 2026-12-01 corrections of the method's specification (docs/algorithm.md) (uncentred cross moment, step 3's δ at
 ``down_proj``'s output inside the per-layer loop, KL(current ‖ initial)) moves the result far outside
 those bounds; the centring is checked here directly, the other two in tests/test_targets.py against
 a plain re-statement of the reference's loop. zu_fast's own statistics are checked against the

@@ -52,6 +52,10 @@ class Targets:
 
     steps: int = 25  # optimisation steps per request (the reference's v_num_grad_steps)
     lr: float = 0.1  # Adam learning rate on δ (the reference's hparams files: 1e-1)
+    # False: ``lr`` is in the units of the hidden state (the reference). True: ``lr`` is the fraction of
+    # ‖h_init‖ a step moves δ (each request's Adam lr is lr·‖h_init‖/√d): scale-free, the same meaning on every
+    # model (docs/algorithm.md, step 2).
+    lr_relative: bool = False
     weight_decay: float = 0.5  # weight of ‖δ‖ / ‖h_init‖²
     clamp: float = 0.75  # ‖δ‖ ≤ clamp · ‖h_init‖ after each step (clamp_norm_factor)
     kl_factor: float = 0.0625  # weight of KL(current ‖ initial) at "{subject} is a"

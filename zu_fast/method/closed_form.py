@@ -1,6 +1,6 @@
 """Step 5: the closed-form multiplier D (W ← D W) for one layer.
 
-Normal equations (ALGORITHM.md): D · W (KKT + λI) Wᵀ = P (VKT + λW) Wᵀ with
+Normal equations (docs/algorithm.md, step 5): D · W (KKT + λI) Wᵀ = P (VKT + λW) Wᵀ with
     KKT = λ_wK C + λ_fK K_f K_fᵀ                # [d_in, d_in]
     VKT = λ_wV X + λ_fV (V_f + R) K_fᵀ          # [d, d_in]
 so D = A B⁻¹ with B = W (KKT + λI) Wᵀ (SPD) and A = P (VKT + λW) Wᵀ, both [d, d].

@@ -1,6 +1,6 @@
 """ZeroUnlearn-GD: the multi-sample variant, an additive edit W ← W + Δ P_null found by Adam.
 
-The objective (ALGORITHM.md "ZeroUnlearn-GD"), over Δ ∈ R^{d×d_in}:
+The objective (docs/algorithm.md, "ZeroUnlearn-GD"), over Δ ∈ R^{d×d_in}:
 
     L(Δ) = w_o ‖Uᵀ O‖² + w_r ‖O − (V_f + R)‖² + w_n ‖Δ P‖²,     O = (W + Δ P) K_f (+ b)
 

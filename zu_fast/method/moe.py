@@ -9,7 +9,7 @@ bound of the layer's own problem (Cauchy–Schwarz: ‖Σ_c g_c a_c‖² ≤ G �
 
 - forget set: component c's key for request i is the gate-weighted mean of its keys over the context
   templates whose subject token is routed to c, k_{c,i} = Σ_j a_j g_{c,ij} k_{c,ij} / ω_{c,i}, with weight
-  ω_{c,i} = Σ_j a_j g_{c,ij} (a_j: the two-level template average of ALGORITHM.md step 1); only the
+  ω_{c,i} = Σ_j a_j g_{c,ij} (a_j: the two-level template average of docs/algorithm.md, step 1); only the
   components with ω > 0 for some request are edited, every other expert stays bit-identical;
 - residual: each touched component aims its own output at W_c k_{c,i} + r_i / G_i, so that the layer's
   output moves by Σ_c g_c r_i / G_i = r_i (G_i = Σ_c ω_{c,i});

@@ -6,7 +6,7 @@ of the KL prompt "{subject} is a") to the output of either
 - the edited module of layer ``layer`` (``at_module=True``; step 3: the reference optimises the
   original representation at ``down_proj``'s output, so its clamp and decay are relative to that
   module output's norm, about 5× smaller than the decoder layer's),
-so that the model continues each prompt with the target tokens. Loss per request (ALGORITHM.md step 2):
+so that the model continues each prompt with the target tokens. Loss per request (docs/algorithm.md, step 2):
 
     mean NLL of the target tokens + kl_factor · KL(current ‖ initial) + v_weight_decay · ‖δ‖ / ‖h_init‖²
 
@@ -349,7 +349,14 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         del clean
 
         delta = torch.zeros(n_req, h_init.shape[-1], device=base.device, dtype=torch.float32, requires_grad=True)
-        opt = torch.optim.Adam([delta], lr=cfg.targets.lr)
+        if cfg.targets.lr_relative:
+            # Scale-free steps: Adam's step is about lr per coordinate (sign-like), i.e. lr·√d in norm; scaled per
+            # row by ‖h_init,i‖/√d it moves δ_i by about lr·‖h_init,i‖, whatever the model's hidden-state scale.
+            opt = torch.optim.Adam([delta], lr=1.0)
+            row_lr = (cfg.targets.lr * h_norm / h_init.shape[-1] ** 0.5)[:, None].to(delta.device)  # [n_req, 1]
+        else:  # the reference: one absolute learning rate in the units of the hidden state
+            opt = torch.optim.Adam([delta], lr=cfg.targets.lr)
+            row_lr = None
         active = torch.ones(n_req, dtype=torch.bool, device=base.device)
         steps = torch.zeros(n_req, dtype=torch.long, device=base.device)
         init_loss = final_loss = None
@@ -437,6 +444,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                 keep = delta.detach().clone()
                 opt.step()
                 with torch.no_grad():
+                    if row_lr is not None:  # Adam ran with lr 1: scale each row's step by its own lr
+                        delta.copy_(keep + row_lr * (delta - keep))
                     delta[~active] = keep[~active]  # converged rows stay where they stopped
                     norms = delta.norm(dim=1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))

@@ -270,7 +270,7 @@ class MoETarget:
     """The routed experts (and the shared expert, if any) of one mixture-of-experts layer.
 
     ``name``/``block`` are the MoE block (what ``rewrite_module_tmp`` names, e.g. ``model.layers.3.mlp``);
-    its output is the layer's MLP output (the "module output" of ALGORITHM.md's steps 1 and 3).
+    its output is the layer's MLP output (the "module output" of docs/algorithm.md, steps 1 and 3).
     ``module`` is expert 0's slice, for code that reads the edited weights' dtype and device.
     Expert e computes v_e = W_e k_e (+ b_e) with k_e = act(x W_gate,eᵀ) ⊙ (x W_up,eᵀ)  # [d_ff]
     and the block returns Σ_{e ∈ top-k(x)} g_e(x) v_e [+ s(x) · shared(x)].

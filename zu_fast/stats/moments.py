@@ -1,4 +1,4 @@
-"""LayerStats: the raw sums of one edited layer, and the moments ALGORITHM.md derives from them."""
+"""LayerStats: the raw sums of one edited layer, and the moments docs/algorithm.md (step 4) derives from them."""
 
 from __future__ import annotations
 
