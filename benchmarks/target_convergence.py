@@ -27,7 +27,7 @@ from zu_fast.model import continuation_ids
 from zu_fast.requests import normalize_requests
 
 
-def run(model, tok, world, cfg, n: int, seed: int) -> dict:
+def run(model, tok, world, cfg, n: int, seed: int, per_request: bool = False) -> dict:
     reqs = normalize_requests(world.records(n, seed))
     templates = context_templates(model, tok, cfg)
     neutral = continuation_ids(tok, cfg.neutral_target)
@@ -35,11 +35,18 @@ def run(model, tok, world, cfg, n: int, seed: int) -> dict:
     res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs), progress=False)
     res, retried, _ = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs), res)
     seconds = time.perf_counter() - t0
-    rel = (res.delta.norm(dim=1) / res.h_init.norm(dim=1)).mean()
+    rel_i = res.delta.norm(dim=1) / res.h_init.norm(dim=1)  # [N]
+    rel = rel_i.mean()
+    if per_request:
+        for i, r in enumerate(reqs):
+            print(f"  seed {seed} | {r.prompt.format(r.subject)!r} → loss {res.initial_loss[i]:.2f} → "
+                  f"{res.final_loss[i]:.3f} (nll {res.final_nll[i]:.3f}, kl {res.final_kl[i]:.3f}), "
+                  f"steps {int(res.steps[i])}, |δ|/|h| {rel_i[i]:.2f}")
     return {"seed": seed, "loss0": float(res.initial_loss.mean()), "loss": float(res.final_loss.mean()),
             "loss_max": float(res.final_loss.max()),
             "converged": float((res.final_loss < cfg.targets.stop_loss).float().mean()),
             "under_warn": float((res.final_loss <= cfg.targets.warn_loss).float().mean()),
+            "nll": float(res.final_nll.mean()), "kl": float(res.final_kl.mean()),
             "steps": float(res.steps.float().mean()), "retried": retried, "delta_rel": float(rel),
             "h_norm": float(res.h_init.norm(dim=1).mean()), "seconds": seconds}
 
@@ -53,6 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=10)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--per-request", action="store_true", help="one line per request")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     tl = harness.tinylm_config(args.tinylm)
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
         over["method"] = args.method
     cfg = zu_fast.UnlearnConfig.for_model(model, progress=False, **over)
     print(f"layers {cfg.layers}, targets {cfg.targets}")
-    rows = [run(model, tok, world, cfg, args.n, int(s)) for s in args.seeds.split(",")]
+    rows = [run(model, tok, world, cfg, args.n, int(s), args.per_request) for s in args.seeds.split(",")]
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))

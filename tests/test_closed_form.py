@@ -29,9 +29,11 @@ def random_problem(d=24, d_in=40, N=5, n_tok=300, seed=0, bias=False, measured=F
 @pytest.mark.parametrize("centered", [True, False])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("measured", [False, True])
-def test_fast_matches_exact_float64(centered, bias, measured):
+@pytest.mark.parametrize("projector_on", ["all", "forget"])
+def test_fast_matches_exact_float64(centered, bias, measured, projector_on):
     W, b, st, K, R, U = random_problem(bias=bias, measured=measured, seed=int(centered) + 2 * int(bias))
-    cfg = UnlearnConfig(layers=[7], centered_cross_moment=centered, gram_chunk=16)  # several chunks
+    cfg = UnlearnConfig(layers=[7], centered_cross_moment=centered, gram_chunk=16,  # several chunks
+                        closed_form={"projector_on": projector_on})
     D_fast = multiplier(W, st, K, R, U, cfg, bias=b, form="fast", precision="fp64")
     D_exact = multiplier(W, st, K, R, U, cfg, bias=b, form="exact")
     rel = (D_fast - D_exact).norm() / D_exact.norm()
@@ -50,9 +52,10 @@ def test_derived_equals_measured_cross_moment():
 
 
 @pytest.mark.parametrize("centered", [True, False])
-def test_normal_equations_gradient_vanishes(centered):
+@pytest.mark.parametrize("projector_on", ["all", "forget"])
+def test_normal_equations_gradient_vanishes(centered, projector_on):
     W, b, st, K, R, U = random_problem(d=16, d_in=28, N=4, seed=3)
-    cfg = UnlearnConfig(layers=[7], centered_cross_moment=centered)
+    cfg = UnlearnConfig(layers=[7], centered_cross_moment=centered, closed_form={"projector_on": projector_on})
     D = multiplier(W, st, K, R, U, cfg, precision="fp64").requires_grad_(True)
     C = st.second_moment(torch.float64)
     X = st.cross_moment(W, None, centered)
@@ -109,3 +112,17 @@ def test_nan_statistics_are_refused():
     st.kk[0, 0] = float("nan")
     with pytest.raises(ZuFastError, match="layer 7.*NaN"):
         multiplier(W, st, K, R, U, UnlearnConfig(layers=[7]))
+
+
+def test_projecting_only_the_forget_targets_keeps_the_corpus_outputs():
+    """projector_on="forget": the corpus outputs keep their component along U (with "all" every output of the
+    layer loses it: D ≈ P on the corpus), while the forget outputs are projected in both."""
+    W, b, st, K, R, U = random_problem(d=24, d_in=40, N=3, seed=5)
+    C = st.second_moment(torch.float64)
+    moved = {}
+    for scope in ("all", "forget"):
+        cfg = UnlearnConfig(layers=[7], closed_form={"projector_on": scope})
+        D = multiplier(W, st, K, R, U, cfg, precision="fp64")  # [d, d]
+        E = D - torch.eye(24, dtype=torch.float64)
+        moved[scope] = float(torch.trace(E @ W @ C @ W.t() @ E.t()) / torch.trace(W @ C @ W.t()))  # corpus change
+    assert moved["forget"] < 0.2 * moved["all"], moved

@@ -134,12 +134,17 @@ class ClosedForm:
     # X = (1/(n−1)) Σ v kᵀ (uncentred, what the reference computes: its running-mean merge shrinks the means to
     # ~0); True: the exactly centred (1/(n−1)) Σ (v−μ_v)(k−μ_k)ᵀ its code was written for.
     centered_cross_moment: bool = False
+    # Which targets the projector P multiplies: "all" (the reference: A = P (VKT + λW) Wᵀ, so every output of the
+    # layer loses its component along the forget representations U, corpus included) or "forget" (only the forget
+    # requests' targets P (V_f + R); the corpus and regulariser targets keep the layer's outputs as they are).
+    projector_on: str = "all"
     solver: str = "fast"  # "fast" (one W·C·Wᵀ product) or "exact" (dense, for verification)
     gram_chunk: int = 4096  # columns of C per chunk in the W·C·Wᵀ product
     gram_precision: str = "auto"  # "auto", "fp64", "fp32", "bf16x2" (bf16 tensor cores, split hi+lo)
 
     def validate(self) -> None:
         check_choice("closed_form", self, "solver", ("fast", "exact"))
+        check_choice("closed_form", self, "projector_on", ("all", "forget"))
         check_choice("closed_form", self, "gram_precision", ("auto", "fp64", "fp32", "bf16x2"))
         check_positive("closed_form", self, "gram_chunk")
         if self.forget_leverage is not None and not 0.0 < float(self.forget_leverage) < 1.0:

@@ -202,9 +202,12 @@ def multiplier(
         B0 = Wd @ (cfg.closed_form.corpus_weight_k * C + lam * eye) @ Wd.t()  # [d, d]
         lam_fk, lam_fv = _forget_weights(B0, WK, cfg)
         KKT = cfg.closed_form.corpus_weight_k * C + lam_fk * (K @ K.t())
-        VKT = cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + Rd) @ K.t())
         B = Wd @ (KKT + lam * eye) @ Wd.t()
-        A = P.dense() @ (VKT + lam * Wd) @ Wd.t()
+        if cfg.closed_form.projector_on == "all":
+            VKT = cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + Rd) @ K.t())
+            A = P.dense() @ (VKT + lam * Wd) @ Wd.t()
+        else:  # only the forget targets are projected
+            A = (cfg.closed_form.corpus_weight_v * X + lam_fv * (P.dense() @ (V + Rd)) @ K.t() + lam * Wd) @ Wd.t()
         D = _solve(A, B, stats.layer)
         _report(info, B, WK, lam_fk, lam_fv)
         return D
@@ -226,8 +229,11 @@ def multiplier(
     B0 = 0.5 * (B0 + B0.t())  # exact symmetry for Cholesky (chunked sums may differ in the last bit)
     lam_fk, lam_fv = _forget_weights(B0, WK, cfg)
     B = B0 + lam_fk * (WK @ WK.t())
-    Y = cfg.closed_form.corpus_weight_v * XWt + lam_fv * ((V + Rd) @ WK.t()) + lam * WWt
-    D = _solve(P.apply(Y), B, stats.layer)
+    if cfg.closed_form.projector_on == "all":
+        A = P.apply(cfg.closed_form.corpus_weight_v * XWt + lam_fv * ((V + Rd) @ WK.t()) + lam * WWt)
+    else:  # only the forget targets are projected: P (V + R) is thin  [d, N]
+        A = cfg.closed_form.corpus_weight_v * XWt + lam_fv * (P.apply(V + Rd) @ WK.t()) + lam * WWt
+    D = _solve(A, B, stats.layer)
     _report(info, B, WK, lam_fk, lam_fv)
     if info is not None:  # how much the layer's outputs move on the corpus: E‖(D−I)Wk‖² / E‖Wk‖²
         E = D - torch.eye(d, dtype=D.dtype, device=dev)
@@ -266,8 +272,11 @@ def narrow_multiplier(W: torch.Tensor, stats: LayerStats, K_f: torch.Tensor, R: 
     Vq = WtQ.t() @ K  # Qᵀ W K_f   [r, N]
     lam_fk, lam_fv = _forget_weights(0.5 * (Bq0 + Bq0.t()), Vq, cfg)
     M = M0 + lam_fk * (K @ K.t())  # [d_in, d_in]
-    Y = Projector(U.to(dev, torch.float64), cfg.representation.projector_eps).apply(
-        cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
+    P = Projector(U.to(dev, torch.float64), cfg.representation.projector_eps)
+    if cfg.closed_form.projector_on == "all":
+        Y = P.apply(cfg.closed_form.corpus_weight_v * X + lam_fv * ((V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd)
+    else:
+        Y = cfg.closed_form.corpus_weight_v * X + lam_fv * (P.apply(V + R.to(dev, torch.float64)) @ K.t()) + lam * Wd
     Bq = WtQ.t() @ M @ WtQ  # Qᵀ B Q   [r, r]
     Aq = Y @ WtQ  # A Q   [d, r]
     Bq = 0.5 * (Bq + Bq.t())
@@ -325,13 +334,18 @@ def objective(
     """J(D) up to a constant, written from the raw definitions (dense; verification only):
 
     J = λ_wK tr(D W C Wᵀ Dᵀ) + λ_fK ‖D W K_f‖² + λ ‖D W‖²
-        − 2 tr(Dᵀ P [λ_wV X Wᵀ + λ_fV (V_f + R)(W K_f)ᵀ + λ W Wᵀ]).
-    Its gradient 2(D B − A) vanishes exactly at the multiplier.
+        − 2 tr(Dᵀ P [λ_wV X Wᵀ + λ_fV (V_f + R)(W K_f)ᵀ + λ W Wᵀ])
+    (``projector_on="forget"``: P multiplies the forget term only). Its gradient 2(D B − A) vanishes exactly at
+    the multiplier.
     """
+    cf = cfg.closed_form
     WK = W @ K_f
-    quad = (cfg.closed_form.corpus_weight_k * torch.trace(D @ W @ C @ W.t() @ D.t())
-            + cfg.closed_form.forget_weight_k * (D @ WK).pow(2).sum()
-            + cfg.closed_form.regularization * (D @ W).pow(2).sum())
-    target = P @ (cfg.closed_form.corpus_weight_v * X @ W.t() + cfg.closed_form.forget_weight_v * (V_f + R) @ WK.t()
-                  + cfg.closed_form.regularization * W @ W.t())
+    quad = (cf.corpus_weight_k * torch.trace(D @ W @ C @ W.t() @ D.t()) + cf.forget_weight_k * (D @ WK).pow(2).sum()
+            + cf.regularization * (D @ W).pow(2).sum())
+    if cf.projector_on == "all":
+        target = P @ (cf.corpus_weight_v * X @ W.t() + cf.forget_weight_v * (V_f + R) @ WK.t()
+                      + cf.regularization * W @ W.t())
+    else:
+        target = (cf.corpus_weight_v * X @ W.t() + cf.forget_weight_v * (P @ (V_f + R)) @ WK.t()
+                  + cf.regularization * W @ W.t())
     return quad - 2 * (D * target).sum()

@@ -29,6 +29,7 @@ chunk (``length_buckets``). Both change which rows share a padded batch, not any
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class DeltaResult:
     initial_loss: torch.Tensor  # [N]
     final_loss: torch.Tensor  # [N]
     steps: torch.Tensor  # [N] Adam steps taken per request
+    final_nll: torch.Tensor  # [N] the target NLL part of final_loss
+    final_kl: torch.Tensor  # [N] KL(current ‖ initial) at "{subject} is a" (unweighted) at the end
 
     @property
     def target(self) -> torch.Tensor:
@@ -277,8 +280,7 @@ def optimize_deltas(
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl],
                                      label, progress, at_module))
-    return DeltaResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
-                         ("delta", "h_init", "initial_loss", "final_loss", "steps")))
+    return DeltaResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DeltaResult)))
 
 
 def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
@@ -359,7 +361,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             row_lr = None
         active = torch.ones(n_req, dtype=torch.bool, device=base.device)
         steps = torch.zeros(n_req, dtype=torch.long, device=base.device)
-        init_loss = final_loss = None
+        init_loss = final_loss = final_nll = final_kl = None
         kl_init = None  # [n_req, vocab]
         max_norm = cfg.targets.clamp * h_norm
         full = _Rows(batch, base, lengths, seq_req, subj_pos, tgt_seq, tgt_pos, tgt_tok, tgt_w, tgt_req,
@@ -434,6 +436,10 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                     init_loss = ld.clone()
                     final_loss = ld.clone()
                 final_loss = torch.where(active, ld, final_loss)
+                if final_nll is None:
+                    final_nll, final_kl = nll.detach().clone(), kl.detach().clone()
+                final_nll = torch.where(active, nll.detach(), final_nll)
+                final_kl = torch.where(active, kl.detach(), final_kl)
                 active = active & (ld >= cfg.targets.stop_loss)
                 bar.set_postfix(loss=f"{final_loss.mean().item():.3f}", active=int(active.sum()))
                 bar.update(1)
@@ -457,7 +463,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             bar.close()
     if init_loss is None:
         raise ZuFastError("the target optimisation ran no step (v_num_grad_steps must be ≥ 1)")
-    return DeltaResult(delta.detach(), h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu())
+    return DeltaResult(delta.detach(), h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu(), final_nll.cpu(),
+                       final_kl.cpu())
 
 
 def retry_unreached(
@@ -488,10 +495,12 @@ def retry_unreached(
     again = optimize_deltas(model, tok, [requests[i] for i in bad], wide, templates, layer,
                             [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)")
     delta, final, steps = res.delta.clone(), res.final_loss.clone(), res.steps.clone()
+    nll, kl = res.final_nll.clone(), res.final_kl.clone()
     improved = 0
     for j, i in enumerate(bad):
         steps[i] += again.steps[j]
         if again.final_loss[j] < final[i]:
             delta[i], final[i] = again.delta[j].to(delta.device), again.final_loss[j]
+            nll[i], kl[i] = again.final_nll[j], again.final_kl[j]
             improved += 1
-    return DeltaResult(delta, res.h_init, res.initial_loss, final, steps), len(bad), improved
+    return DeltaResult(delta, res.h_init, res.initial_loss, final, steps, nll, kl), len(bad), improved
