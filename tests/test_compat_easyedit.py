@@ -221,6 +221,9 @@ def test_target_new_is_the_neutral_target_and_ground_truth_is_forgotten(monkeypa
                     _hp(neutral_target=hparams_target), tok)
     assert got["cfg"].replace(neutral_target=want) == got["cfg"]
     assert [r.target_true for r in got["reqs"]] == ["Lisbon"]  # what is forgotten
+    # the reference's hparams name the neutral target target_new: the same field, so requests override it too
+    hp = ZeroUnlearnHyperParams.from_dict({"alg_name": "ZeroUnlearn", "layers": [1, 2], "target_new": hparams_target})
+    assert hp.neutral_target == hparams_target and "target_new" not in hp.extra
 
 
 @pytest.mark.parametrize("fn, want", [(apply_zeroUnlearn_to_model, "closed_form"),

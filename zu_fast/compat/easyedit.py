@@ -184,6 +184,13 @@ class ZeroUnlearnHyperParams:
             self.method = "gd"
         if not isinstance(self.extra, dict):
             raise ZuFastError(f"extra must be a mapping of UnlearnConfig keys, got {type(self.extra).__name__}")
+        if "target_new" in self.extra:  # the reference's name of the neutral target: one field, requests override it
+            if self.neutral_target is not None:
+                raise ZuFastError("both target_new and neutral_target are set: they name the same neutral target")
+            extra = dict(self.extra)
+            self.neutral_target = extra.pop("target_new")
+            self.extra = extra
+
         clash = sorted(set(self.extra) & {f.name for f in dataclasses.fields(self)})
         if clash:
             raise ZuFastError(f"extra repeats the fields {clash}: set them as fields")
