@@ -132,3 +132,31 @@ def test_unlearn_with_imported_npz_equals_unlearn_with_collected_stats(tmp_path)
                          context_templates=templates)
     for layer in (1, 2):
         assert torch.allclose(e2.factors[layer], f1[layer], rtol=1e-5, atol=1e-7)
+
+
+def test_layer_stats_from_answers_per_layer_calls_from_one_pass(tmp_path):
+    """MEMIT / AlphaEdit ask for one layer at a time; layer_stats_from answers from one collect_stats pass."""
+    model, tok = llama()
+    texts = corpus(24)
+    cfg = UnlearnConfig.for_model(model, layers=[1, 2], progress=False)
+    stats = zu_fast.collect_stats(model, tok, texts, cfg, cache=False)
+    get = zu_fast.compat.layer_stats_from(stats)
+    for layer in (1, 2):
+        name = f"model.layers.{layer}.mlp.down_proj"
+        one = get(model, tok, name, tmp_path, "ignored", ["mom2", "mean"], precision="float64")
+        alone = layer_stats(model, tok, name, tmp_path, texts, ["mom2", "mean"], precision="float64", progress=None)
+        assert torch.allclose(one.mom2.moment(), alone.mom2.moment(), rtol=1e-5, atol=1e-7)  # one pass = per layer
+        assert torch.allclose(one.mean.mean(), alone.mean.mean(), rtol=1e-5, atol=1e-7)
+        assert one.mom2.count == alone.mom2.count
+    with pytest.raises(ZuFastError, match=r"cover layers \[1, 2\]"):
+        get(model, tok, "model.layers.3.mlp.down_proj", tmp_path, "ignored", ["mom2"])
+    with pytest.raises(ZuFastError, match="are of 'model.layers.{}.mlp.down_proj'"):
+        get(model, tok, "model.layers.1.mlp.up_proj", tmp_path, "ignored", ["mom2"])
+    with pytest.raises(ZuFastError, match="norm_mean"):
+        get(model, tok, "model.layers.1.mlp.down_proj", tmp_path, "ignored", ["norm_mean"])
+    other, _ = llama(seed=1)
+    with pytest.raises(zu_fast.StaleStatsError):  # another model's statistics are refused at its first call
+        get(other, tok, "model.layers.1.mlp.down_proj", tmp_path, "ignored", ["mom2"])
+    with torch.no_grad():  # MEMIT edits layer 1 before it asks for layer 2: the unedited model's C is meant
+        model.model.layers[1].mlp.down_proj.weight.mul_(1.5)
+    assert get(model, tok, "model.layers.2.mlp.down_proj", tmp_path, "x", ["mom2"]).mom2.count == stats[2].n

@@ -1,5 +1,7 @@
 """Drop-in ``layer_stats`` for MEMIT / ROME / AlphaEdit code bases, backed by zu_fast's engine.
 
+(``zu_fast.compat.memit``; re-exported as ``zu_fast.compat.layer_stats``.)
+
 Their editing loops call::
 
     stat = layer_stats(model, tok, layer_name, stats_dir, mom2_dataset, to_collect=["mom2"],
@@ -25,17 +27,22 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .config import UnlearnConfig
-from .errors import ZuFastError
-from .stats.moments import LayerStats
-from .stats.npz import load_npz_stats
+from ..config import UnlearnConfig
+from ..errors import ZuFastError
+from ..stats.moments import LayerStats
+from ..stats.npz import load_npz_stats
+from ..stats.store import check_stats_for_model
+
+if TYPE_CHECKING:
+    from ..stats.collect import CorpusStats
 
 _DTYPES = {None: torch.float32, "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -138,6 +145,18 @@ def _split_layer_name(layer_name: str) -> tuple[str, int]:
     return template, int(m.group(1))
 
 
+def _checked_request(to_collect: Sequence[str], precision: str | None) -> tuple[list[str], torch.dtype]:
+    """(the statistics asked for, the dtype of the returned moments), or a ZuFastError."""
+    to_collect = list(to_collect)
+    bad = [s for s in to_collect if s not in ("mom2", "mean")]
+    if bad or not to_collect:
+        raise ZuFastError(f"to_collect={to_collect}: zu_fast provides 'mom2' and 'mean' (not {bad})")
+    dtype = _DTYPES.get(precision)
+    if dtype is None:
+        raise ZuFastError(f"precision {precision!r}; choose one of {[k for k in _DTYPES if k]}")
+    return to_collect, dtype
+
+
 def _corpus_of(ds_name: Any, download: bool) -> tuple[Any, str]:
     """(corpus, label for file names) — a path, list of texts or datasets.Dataset; never a download."""
     if isinstance(ds_name, (str, os.PathLike)):
@@ -180,13 +199,7 @@ def layer_stats(
     ``progress``: a tqdm-like callable, or None for silence. Cached under
     ``stats_dir/<model_name>/<ds>_stats/<layer_name>_<precision>_<to_collect><_size>.zu_fast/``.
     """
-    to_collect = list(to_collect)
-    bad = [s for s in to_collect if s not in ("mom2", "mean")]
-    if bad or not to_collect:
-        raise ZuFastError(f"to_collect={to_collect}: zu_fast provides 'mom2' and 'mean' (not {bad})")
-    dtype = _DTYPES.get(precision)
-    if dtype is None:
-        raise ZuFastError(f"precision {precision!r}; choose one of {[k for k in _DTYPES if k]}")
+    to_collect, dtype = _checked_request(to_collect, precision)
     template, layer = _split_layer_name(layer_name)
     corpus, ds_label = _corpus_of(ds_name, download)
     if model_name is None:
@@ -211,10 +224,52 @@ def layer_stats(
     cache_path = folder / f"{stem}.zu_fast"
     if force_recompute and cache_path.exists():
         shutil.rmtree(cache_path)
-    from .stats.collect import collect_stats
+    from ..stats.collect import collect_stats
 
     stats = collect_stats(model, tok, corpus, cfg, cache=True, cache_path=str(cache_path))
     return CompatStat(stats[layer], to_collect, dtype, stats.path)
 
 
-__all__ = ["CompatStat", "MeanView", "SecondMomentView", "layer_stats"]
+def layer_stats_from(stats: CorpusStats) -> Callable[..., CompatStat]:
+    """A ``layer_stats`` drop-in that answers from statistics collected for every layer in ONE pass.
+
+    MEMIT-family code calls ``layer_stats`` once per edited layer, and each call is a pass over the
+    corpus up to that layer; ``zu_fast.collect_stats`` reads all the edited layers in one pass (one
+    truncated forward per batch, hooks on every layer). Collect once, then hand their code this::
+
+        cfg = zu_fast.UnlearnConfig.for_model(model, layers=hparams.layers,
+                                              rewrite_module_tmp=hparams.rewrite_module_tmp)
+        memit_main.layer_stats = zu_fast.compat.layer_stats_from(zu_fast.collect_stats(model, tok, corpus, cfg))
+
+    The function returned takes ``layer_stats``' arguments and returns the same ``CompatStat``. It
+    answers for the module and layers the statistics cover (ZuFastError naming them otherwise); the
+    corpus, sample-size and cache arguments were settled by the collection and are not read. The first
+    call on a model checks that the statistics are that model's (StaleStatsError otherwise); later calls
+    on the same model object are not checked again, because MEMIT and AlphaEdit edit the lower layers
+    while they ask for the statistics of the upper ones, and mean those of the unedited model (what their
+    own ``COV_CACHE`` keeps).
+    """
+    module = ((stats.meta or {}).get("settings") or {}).get("rewrite_module_tmp")
+    checked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
+
+    def layer_stats(model: torch.nn.Module, tok, layer_name: str, stats_dir: Any = None, ds_name: Any = None,
+                    to_collect: Sequence[str] = ("mom2",), model_name: str | None = None,
+                    sample_size: int | None = None, precision: str | None = None, batch_tokens: int | None = None,
+                    download: bool = False, progress=None, force_recompute: bool = False) -> CompatStat:
+        wanted, dtype = _checked_request(to_collect, precision)
+        template, layer = _split_layer_name(layer_name)
+        if module is not None and template != module:
+            raise ZuFastError(f"{layer_name!r}: these statistics are of {module!r}")
+        if layer not in stats.layers:
+            raise ZuFastError(f"{layer_name!r}: these statistics cover layers {sorted(stats.layers)}; collect them "
+                              f"with the layers the editor edits")
+        if model not in checked:
+            cfg = UnlearnConfig.for_model(model, layers=[layer], rewrite_module_tmp=template, progress=False)
+            check_stats_for_model(model, cfg, stats)  # of this model (StaleStatsError otherwise)
+            checked.add(model)
+        return CompatStat(stats[layer], wanted, dtype, stats.path)
+
+    return layer_stats
+
+
+__all__ = ["CompatStat", "MeanView", "SecondMomentView", "layer_stats", "layer_stats_from"]
