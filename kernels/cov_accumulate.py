@@ -467,29 +467,32 @@ def shared_bytes_for_target(config: Config, **kwargs) -> int:
 
 
 def precompile(device: torch.device | str = "cuda") -> dict:
-    """Compile (without launching) every 16-bit candidate config for the specialisations real runs
-    use — bf16 keys with a mask, fp64 column sums, KKᵀ alone and fused with VᵀK, widths and
-    strides multiples of 16 — so that later tuning and runs find them in Triton's cache. The GPU
-    check runs this in the background while the CUDA extension builds. Returns
-    {(fused, config): shared bytes}."""
+    """Compile (without launching) every candidate config for the specialisations real runs and the
+    GPU check's table use — bf16 keys (and fp32 keys, the table's accuracy rows) with a mask, fp64
+    column sums, KKᵀ alone and fused with VᵀK, widths and strides multiples of 16 — so that later
+    tuning and runs find them in Triton's cache. The GPU check runs this in the background while the
+    CUDA extension builds. Returns {(dtype, fused, config): shared bytes}."""
     dev = torch.device(device)
-    keys = torch.zeros(1, 64, 256, device=dev, dtype=torch.bfloat16)
-    values = torch.zeros(1, 64, 128, device=dev, dtype=torch.bfloat16)
     mask = torch.ones(1, 64, device=dev, dtype=torch.bool).view(torch.uint8)
     kk = torch.zeros(256, 256, device=dev)
     ks = torch.zeros(256, device=dev, dtype=torch.float64)
     vk = torch.zeros(128, 256, device=dev)
     vs = torch.zeros(128, device=dev, dtype=torch.float64)
     out = {}
-    for fused in (False, True):
-        flags = dict(fused=fused, kk_f32=False, vk_f32=False, ks_f64=True, vs_f64=fused, has_mask=True,
-                     one_gemm=True)
-        v3, vk_, vs_, d_v = (values, vk, vs, 128) if fused else (keys, kk, ks, 0)
-        args = _kernel_args(keys, v3, mask, kk, ks, vk_, vs_, 64, 64, 256, d_v)
-        for cfg in GPU_CONFIGS_16BIT:
-            kernel = _cov_kernel.warmup(*args, grid=_grid(cfg, 256, d_v, fused), **_constexprs(cfg, **flags),
-                                        num_warps=cfg[2], num_stages=cfg[3])
-            out[(fused, cfg)] = kernel.metadata.shared
+    for dtype, configs, fuseds in ((torch.bfloat16, GPU_CONFIGS_16BIT, (False, True)),
+                                   (torch.float32, GPU_CONFIGS_F32, (True,))):
+        keys = torch.zeros(1, 64, 256, device=dev, dtype=dtype)
+        values = torch.zeros(1, 64, 128, device=dev, dtype=dtype)
+        f32 = dtype == torch.float32
+        for fused in fuseds:
+            flags = dict(fused=fused, kk_f32=f32, vk_f32=f32, ks_f64=True, vs_f64=fused, has_mask=True,
+                         one_gemm=True)
+            v3, vk_, vs_, d_v = (values, vk, vs, 128) if fused else (keys, kk, ks, 0)
+            args = _kernel_args(keys, v3, mask, kk, ks, vk_, vs_, 64, 64, 256, d_v)
+            for cfg in configs:
+                kernel = _cov_kernel.warmup(*args, grid=_grid(cfg, 256, d_v, fused), **_constexprs(cfg, **flags),
+                                            num_warps=cfg[2], num_stages=cfg[3])
+                out[(str(dtype), fused, cfg)] = kernel.metadata.shared
     return out
 
 

@@ -428,25 +428,29 @@ def compile_for_target(
 
 
 def precompile(device: torch.device | str = "cuda") -> dict:
-    """Compile (without launching) every tensor-core candidate for bf16 W, row- and column-major,
-    nearest and stochastic rounding, so that tuning and runs find them in Triton's cache (the GPU
-    check runs this in the background). Returns {(layout, stochastic, config): shared bytes}."""
+    """Compile (without launching) the candidates for bf16 W, row- and column-major, that real edits
+    and the GPU check's table use: the tensor-core path with nearest and stochastic rounding, and
+    the fp64 path (a float64 D) — so that tuning and runs find them in Triton's cache (the GPU check
+    runs this in the background). Returns {(mode, layout, stochastic, config): shared bytes}."""
     dev = torch.device(device)
     d, cols = 256, 256
     hi = torch.zeros(d, d, device=dev, dtype=torch.bfloat16)
+    m64 = torch.zeros(d, d, device=dev, dtype=torch.float64)
+    w64 = torch.zeros(d, cols, device=dev, dtype=torch.float64)  # the fp64 copy of a chunk
     out = {}
     for layout in ("row", "col"):
         W = torch.zeros(d, cols, device=dev, dtype=torch.bfloat16)
         if layout == "col":
             W = W.t().contiguous().t()
         buf = _staging(W, d, cols)
-        for sr in (False, True):
-            flags = dict(mode="tc", sub_eye=False, dot_f32=False, out=torch.bfloat16, stochastic=sr)
-            args = _chunk_args(hi, hi, d, W, buf, 0, cols, 12345)
-            for cfg in GPU_CONFIGS["tc"]:
+        for mode, sr in (("tc", False), ("tc", True), ("f64", False)):
+            flags = dict(mode=mode, sub_eye=mode == "f64", dot_f32=False, out=torch.bfloat16, stochastic=sr)
+            args = (_chunk_args(hi, hi, d, W, buf, 0, cols, 12345) if mode == "tc"
+                    else _chunk_args(m64, m64, d, w64, buf, 0, cols, 12345))
+            for cfg in GPU_CONFIGS[mode]:
                 k = _update_kernel.warmup(*args, grid=_grid(cfg, d, cols), **_constexprs(cfg, **flags),
                                           num_warps=cfg[3], num_stages=cfg[4])
-                out[(layout, sr, cfg)] = k.metadata.shared
+                out[(mode, layout, sr, cfg)] = k.metadata.shared
     return out
 
 
