@@ -322,11 +322,15 @@ def _staging(W: torch.Tensor, d: int, cols: int) -> torch.Tensor:
 
 def bf16_split(E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """E ≈ hi + lo, both bf16 [d, d] contiguous: hi the nearest bf16 of fp32 E, lo the nearest bf16 of
-    the exact fp32 remainder (the torch default's and the CUDA kernel's split)."""
+    the exact fp32 remainder (the torch default's and the CUDA kernel's split). The remainder is
+    formed in row blocks, so the fp32 temporaries stay at 2 × 16 MiB whatever d."""
     E32 = E.float()
-    hi = E32.to(torch.bfloat16)
-    lo = (E32 - hi.float()).to(torch.bfloat16)
-    return hi.contiguous(), lo.contiguous()
+    hi = E32.to(torch.bfloat16).contiguous()
+    lo = torch.empty_like(hi)
+    rows = max(1, 2**22 // max(E32.shape[1], 1))
+    for r0 in range(0, E32.shape[0], rows):
+        lo[r0 : r0 + rows] = E32[r0 : r0 + rows] - hi[r0 : r0 + rows].float()
+    return hi, lo
 
 
 # ---------------------------------------------------------------------------------------------------

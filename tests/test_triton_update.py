@@ -220,6 +220,20 @@ def test_default_chunk_bounds_the_staging_buffer():
     assert default_chunk_cols(28672) == 1792  # 1/16 of a 70B down_proj, a multiple of 128
 
 
+def test_bf16_split_is_the_torch_defaults():
+    """The kernel's E_hi + E_lo split (row blocks, to bound its temporaries) is bit for bit the torch
+    default's (and the CUDA kernel's split2): hi the nearest bf16 of E, lo that of the exact remainder."""
+    from zu_fast.kernels.multiplicative_update import bf16_split
+
+    from zu_fast.ops.multiplicative_update import _bf16_split
+
+    E = torch.randn(3000, 3000, generator=torch.Generator().manual_seed(4)) * 1e-2  # 3 row blocks
+    hi, lo = bf16_split(E)
+    want_hi, want_lo = _bf16_split(E)
+    assert torch.equal(hi, want_hi) and torch.equal(lo, want_lo)
+    assert hi.is_contiguous() and lo.is_contiguous()
+
+
 # --------------------------------------------------------------------------------------------------
 # Rounding: bit for bit the torch rounding model (and so the CUDA kernels', which share the hash)
 # --------------------------------------------------------------------------------------------------
@@ -466,7 +480,7 @@ def test_parse_config():
 def test_real_shape_gpu_triton(layout):
     """70B down_proj width (d 8192, 2048 of its 28672 columns), a real-edit E (1% scaling + rank 64)
     in fp32: ≥ 99.9% correctly rounded bf16 outputs, ≤ 1 ulp off, extra memory ≤ the bf16 split of
-    E plus one staging chunk."""
+    E, one staging chunk and the split's 32 MiB of temporaries."""
     if not TRITON_RUNS:
         pytest.skip("triton not installed")
     g = torch.Generator(device="cuda").manual_seed(21)
@@ -485,7 +499,7 @@ def test_real_shape_gpu_triton(layout):
     triton_fn()(W, E32, form="delta")
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
-    assert extra <= 2 * d * d * 2 + d * max(d_in // 16, 512) * 2 + 2**20
+    assert extra <= 2 * d * d * 2 + d * max(d_in // 16, 512) * 2 + 33 * 2**20
     exact = W_before.double() + E64 @ W_before.double()
     wrong = float((W != exact.to(torch.bfloat16)).double().mean())
     err = float(((W.double() - exact).abs() / w_ulp(exact, W_before, torch.bfloat16)).max())
