@@ -3,8 +3,9 @@
     pytest benchmarks/bench_update.py --benchmark-only            # CPU sizes always, GPU sizes with CUDA
 
 The edit is what unlearning makes: D = I + E, E = 0.01·I + a rank-64 part of size ~0.3
-(``update_table.real_edit``). Compared: the plain-PyTorch chunked default ("torch"), the CUDA C++
-extension ("cuda", GPU only, when it builds) and, for scale, one bf16 cuBLAS GEMM of the same shape
+(``update_table.real_edit``). Compared: the plain-PyTorch chunked default ("torch"), the Triton
+kernel ("triton", GPU only), the CUDA C++ extension ("cuda", GPU only, when it builds) and, for
+scale, one bf16 cuBLAS GEMM of the same shape
 ("bf16_gemm": D_bf16 @ W, out of place) — the floor a bf16-accurate update could reach. Forms:
 "delta" (E in fp32, ``form="delta"``: what a saved edit stores, the tensor-core path) and
 "mult64" (D in float64: what edit.py passed before). GPU shape: a 70B model's MLP down projection,
@@ -20,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from zu_fast.ops import backend_fn, cuda_backend
+from zu_fast.ops import backend_fn, cuda_backend, registry
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from update_table import real_edit  # noqa: E402
@@ -52,10 +53,12 @@ def test_update_cpu_torch(benchmark, d, d_in, dtype, form):
 @pytest.mark.parametrize("d,d_in", GPU_SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("layout", ["row", "col"])
 @pytest.mark.parametrize("form", ["delta", "mult64"])
-@pytest.mark.parametrize("impl", ["bf16_gemm", "torch", "cuda"])
+@pytest.mark.parametrize("impl", ["bf16_gemm", "torch", "triton", "cuda"])
 def test_update_gpu(benchmark, impl, form, layout, d, d_in):
     if impl == "cuda" and not cuda_backend.is_available():
         pytest.skip(f"cuda backend unavailable: {cuda_backend.why_unavailable()}")
+    if impl == "triton" and not registry.get_op("multiplicative_update_").backends["triton"].is_available():
+        pytest.skip("triton backend unavailable")
     if impl == "bf16_gemm" and form != "delta":
         pytest.skip("one floor per layout")
     W = torch.randn(d, d_in, device="cuda").to(torch.bfloat16)

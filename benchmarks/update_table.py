@@ -2,11 +2,14 @@
 edit survives rounding.
 
     python benchmarks/update_table.py --json out.json      # d 8192, d_in 28672 (70B down_proj; GPU)
-    python benchmarks/update_table.py --d 512 --d-in 2048 --reps 2    # CPU smoke run
+    python benchmarks/update_table.py --d 512 --d-in 2048 --reps 2    # CPU smoke run (torch only)
+    TRITON_INTERPRET=1 python benchmarks/update_table.py --d 256 --d-in 512 --reps 1 --impls torch,triton
+                                                           # CPU: the Triton rows interpreted (no speed meaning)
 
 The edit: E = D − I like a ZeroUnlearn edit (the projector's 1% global scaling plus a rank-64
-part of size ~0.3), computed in float64. Forms, per implementation (torch default, CUDA extension)
-and W layout (row-major, and column-major as a transposed weight is):
+part of size ~0.3), computed in float64. Forms, per implementation (every registered backend that
+is available here: the torch default, the Triton kernel, the CUDA extension; ``--impls`` picks) and
+W layout (row-major, and column-major as a transposed weight is):
 
 * ``delta fp32 E``: ``multiplicative_update_(W, E.float(), form="delta")``, what a saved edit
   stores and what Edit applies once integrated: the tensor-core path (E split in two bf16 terms,
@@ -35,7 +38,7 @@ import time
 
 import torch
 
-from zu_fast.ops import backend_fn, cuda_backend
+from zu_fast.ops import backend_fn, cuda_backend, registry
 
 
 def sync(device: str) -> None:
@@ -94,7 +97,45 @@ def accuracy(W_after: torch.Tensor, W_before: torch.Tensor, E64: torch.Tensor) -
     return float((got != rounded).double().mean()), float(((got - exact).abs() / ulp).max())
 
 
-def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows: list) -> None:
+def available_impls(device: str) -> list[str]:
+    """torch first, then every other registered backend of the op that runs and is available here."""
+    op = registry.get_op("multiplicative_update_")
+    others = sorted(n for n, b in op.backends.items()
+                    if n != "torch" and registry.supports(b, device) and b.is_available())
+    return ["torch", *others]
+
+
+def kernel_name(impl: str, W: torch.Tensor, M: torch.Tensor, form: str, device: str) -> str:
+    """Which kernel an implementation runs for this W and matrix (for the table's kernel column)."""
+    if impl == "cuda":
+        return cuda_backend.load_extension().update_kernel(W, M)
+    if impl == "triton":
+        mode = "fp64 DMMA" if M.dtype == torch.float64 else (
+            "tensor cores (E hi+lo)" if W.dtype == torch.bfloat16 else "fp32 ieee")
+        return f"triton {mode}"
+    if form == "delta" and device == "cuda" and M.dtype == torch.float32 and W.dtype == torch.bfloat16:
+        return "2 bf16 cuBLAS (E hi+lo)"
+    return "fp64 matmul" if M.dtype == torch.float64 else "chunked torch"
+
+
+def triton_tuning() -> list:
+    """What the Triton update kernel's tuner tried, chose and dropped, per problem."""
+    try:
+        from zu_fast.kernels.multiplicative_update import TUNING_REPORT
+    except Exception:
+        return []
+    out = []
+    for key, rep in TUNING_REPORT.items():
+        out.append({"key": str(key), "limit": rep["limit"], "chosen": rep["chosen"],
+                    "times_ms": {str(c): t for c, t in rep["times_ms"].items()},
+                    "dropped": [{**d, "config": str(d["config"])} for d in rep["dropped"]]})
+        print(f"triton update tuning: chose {rep['chosen']} of {len(rep['times_ms'])} timed, "
+              f"dropped {len(rep['dropped'])} ({key})")
+    return out
+
+
+def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows: list,
+                impls: list[str]) -> None:
     E64 = real_edit(d, device)
     eye = torch.eye(d, device=device, dtype=torch.float64)
     forms = {
@@ -102,14 +143,13 @@ def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows
         "mult fp64 D": (eye + E64, "multiplier"),
         "mult fp32 D": ((eye + E64).float(), "multiplier"),
     }
-    impls = ["torch"] + (["cuda"] if cuda_backend.is_available() else [])
     if "cuda" not in impls and device == "cuda":
         print(f"(cuda backend unavailable: {cuda_backend.why_unavailable()})")
     w_bytes = d * d_in * 2
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(f"\nmultiplicative_update_  W bf16 [{d}, {d_in}] ({w_bytes / 2**20:.0f} MiB), real-edit E (1% scaling + "
           f"rank 64), {name}")
-    hdr = (f"{'impl':<6} {'layout':<6} {'form':<13} {'kernel':<30} {'time ms':>9} {'extra MiB':>10} {'% of W':>7} "
+    hdr = (f"{'impl':<6} {'layout':<6} {'form':<13} {'kernel':<32} {'time ms':>9} {'extra MiB':>10} {'% of W':>7} "
            f"{'x floor':>8} {'wrong':>9} {'max ulp':>8}")
     print(hdr)
     print("-" * len(hdr))
@@ -121,7 +161,7 @@ def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows
             W0 = W0.t().contiguous().t()
         floor = timed(lambda W0=W0: torch.mm(D16, W0), reps, device)
         floor_kernel = "cuBLAS bf16 (out of place)" if device == "cuda" else "torch.mm bf16 (CPU)"
-        print(f"{'bf16':<6} {layout:<6} {'GEMM floor':<13} {floor_kernel:<30} {floor * 1e3:9.2f} "
+        print(f"{'bf16':<6} {layout:<6} {'GEMM floor':<13} {floor_kernel:<32} {floor * 1e3:9.2f} "
               f"{'':>10} {'':>7} {1.0:8.2f}")
         rows.append({"shape": f"{layout} floor", "impl": "bf16 GEMM", "seconds": floor, "counts_for": []})
         before = W0[:, :check_cols].clone()
@@ -129,14 +169,8 @@ def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows
             for impl in impls:
                 fn = backend_fn("multiplicative_update_", impl)
                 W = W0.clone()
-                kernel = "chunked torch"
-                if impl == "cuda":
-                    kernel = cuda_backend.load_extension().update_kernel(W, M)
-                elif form == "delta" and device == "cuda":
-                    kernel = "2 bf16 cuBLAS (E hi+lo)"
-                elif M.dtype == torch.float64:
-                    kernel = "fp64 matmul"
                 try:
+                    kernel = kernel_name(impl, W, M, form, device)
                     fn(W, M, form=form)  # accuracy: one application to a fresh copy
                     sync(device)
                     wrong, max_ulp = accuracy(W[:, :check_cols], before, E64)
@@ -148,7 +182,7 @@ def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows
                                  "error": f"{type(e).__name__}: {e}",
                                  "counts_for": ["multiplicative_update_"] if form_name == "delta fp32 E" else []})
                     continue
-                print(f"{impl:<6} {layout:<6} {form_name:<13} {kernel:<30} {sec * 1e3:9.2f} {extra / 2**20:10.0f} "
+                print(f"{impl:<6} {layout:<6} {form_name:<13} {kernel:<32} {sec * 1e3:9.2f} {extra / 2**20:10.0f} "
                       f"{100 * extra / w_bytes:6.1f}% {sec / floor:8.2f} {wrong:9.2e} {max_ulp:8.2f}")
                 rows.append({"shape": f"{layout} {form_name}", "impl": impl, "kernel": kernel, "seconds": sec,
                              "extra_bytes": extra, "x_floor": sec / floor, "wrong": wrong, "max_ulp": max_ulp,
@@ -159,7 +193,7 @@ def speed_table(d: int, d_in: int, reps: int, check_cols: int, device: str, rows
             torch.cuda.empty_cache()
 
 
-def survival_table(d: int, d_in: int, device: str, rows: list) -> None:
+def survival_table(d: int, d_in: int, device: str, rows: list, impls: list[str]) -> None:
     g = torch.Generator(device=device).manual_seed(1)
     W0 = (0.02 * torch.randn(d, d_in, device=device, generator=g)).to(torch.bfloat16)
     W0d = W0.double()
@@ -167,7 +201,6 @@ def survival_table(d: int, d_in: int, device: str, rows: list) -> None:
     V = torch.randn(d, 4, device=device, generator=g, dtype=torch.float64)
     E0 = U @ V.T
     unit = float((E0 @ W0d).abs().mean()) / (2.0**-7 * float(W0d.abs().mean()))  # |ΔW| in ulps
-    impls = ["torch"] + (["cuda"] if cuda_backend.is_available() else [])
     print(f"\nsurvival of a small rank-4 edit on W bf16 [{d}, {d_in}] (fraction of ΔW kept; error / ‖ΔW‖), "
           "delta form, fp32 E, stochastic seed derived from E")
     hdr = (f"{'|ΔW| / ulp':>10} {'impl':<6} {'nearest kept':>13} {'stoch. kept':>12} {'nearest err':>12} "
@@ -199,16 +232,23 @@ def main(argv=None) -> int:
     ap.add_argument("--check-cols", type=int, default=1024)
     ap.add_argument("--survival-d", type=int, default=2048)
     ap.add_argument("--survival-d-in", type=int, default=8192)
+    ap.add_argument("--impls", help="comma-separated implementations (default: every available backend; "
+                    "triton on CPU needs TRITON_INTERPRET=1)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    impls = args.impls.split(",") if args.impls else available_impls(device)
+    if impls[0] != "torch":  # the ratio base and the preference rule's reference
+        impls = ["torch", *[i for i in impls if i != "torch"]]
     rows, survival = [], []
-    speed_table(args.d, args.d_in, args.reps, min(args.check_cols, args.d_in), device, rows)
-    survival_table(args.survival_d, args.survival_d_in, device, survival)
+    speed_table(args.d, args.d_in, args.reps, min(args.check_cols, args.d_in), device, rows, impls)
+    survival_table(args.survival_d, args.survival_d_in, device, survival, impls)
+    tuning = triton_tuning()
     if args.json:
         with open(args.json, "w") as f:
             name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-            json.dump({"device": name, "shape": [args.d, args.d_in], "rows": rows, "survival": survival}, f, indent=1)
+            json.dump({"device": name, "shape": [args.d, args.d_in], "impls": impls, "rows": rows,
+                       "survival": survival, "triton_tuning": tuning}, f, indent=1)
     return 0
 
 

@@ -33,7 +33,9 @@ Design (one launch per call):
   program): Triton allocates the pipeline buffers per inlined call site, so two call sites would
   double the shared memory (256 KiB at (128, 64, 8, 4), over an H100's 227 KiB).
 * Offsets are int64 wherever a column index meets a stride (column-major keys past ~75k rows at
-  d_ff 28672 overflow int32).
+  d_ff 28672 overflow int32), and the strides the shared call site selects are cast to int64
+  before the branch (Triton passes a stride ≥ 2^31 as i64, a smaller one as i32: keys and values
+  whose batch strides straddle 2^31 would otherwise not compile).
 * ``n += kept rows`` is a tiny device-side ``n.add_(count_nonzero(mask))`` (no host sync).
 
 On CUDA the tile configuration is chosen per problem key by a small benchmark on a sub-problem
@@ -199,16 +201,21 @@ def _cov_kernel(
             # One call site for the kk and vk tiles (they differ only in the A operand and the
             # output): Triton allocates shared memory per inlined call site, so two call sites
             # would keep two copies of the pipeline buffers (256 KiB at (128, 64, 8, 4)).
+            # Every value chosen by the branch has one type on both sides: Triton types an integer
+            # argument i64 once it reaches 2^31 (a batch stride of keys past 75k rows at 70B
+            # shapes) and i32 below, and a then/else pair of different types does not compile.
+            k_sb64, k_ss64, k_sc64 = tl.cast(k_sb, tl.int64), tl.cast(k_ss, tl.int64), tl.cast(k_sc, tl.int64)
+            v_sb64, v_ss64, v_sc64 = tl.cast(v_sb, tl.int64), tl.cast(v_ss, tl.int64), tl.cast(v_sc, tl.int64)
             if pid < n_kk:
                 i, j = upper_tile(pid)
-                a_ptr, a_sb, a_ss, a_sc, a_w = k_ptr, k_sb, k_ss, k_sc, d_ff
-                o_ptr, o_s0, o_s1 = kk_ptr, kk_s0, kk_s1
+                a_ptr, a_sb, a_ss, a_sc, a_w = k_ptr, k_sb64, k_ss64, k_sc64, tl.cast(d_ff, tl.int32)
+                o_ptr, o_s0, o_s1 = kk_ptr, tl.cast(kk_s0, tl.int64), tl.cast(kk_s1, tl.int64)
             else:
                 q = pid - n_kk
                 i = q // T
                 j = q - i * T
-                a_ptr, a_sb, a_ss, a_sc, a_w = v_ptr, v_sb, v_ss, v_sc, d_v
-                o_ptr, o_s0, o_s1 = vk_ptr, vk_s0, vk_s1
+                a_ptr, a_sb, a_ss, a_sc, a_w = v_ptr, v_sb64, v_ss64, v_sc64, tl.cast(d_v, tl.int32)
+                o_ptr, o_s0, o_s1 = vk_ptr, tl.cast(vk_s0, tl.int64), tl.cast(vk_s1, tl.int64)
             _gram_tile(
                 a_ptr, a_sb, a_ss, a_sc, a_w, i * BLOCK,
                 k_ptr, k_sb, k_ss, k_sc, d_ff, j * BLOCK,
@@ -413,13 +420,15 @@ def device_shared_limit(device: torch.device) -> int:
 
 def compile_for_target(
     config: Config, *, capability: tuple[int, int] = (9, 0), dtype: torch.dtype = torch.bfloat16,
-    fused: bool = True, has_mask: bool = True, one_gemm: bool = True,
+    fused: bool = True, has_mask: bool = True, one_gemm: bool = True, int_types: dict[str, str] | None = None,
 ):
     """The kernel compiled for ``capability`` without a GPU (Triton compiles with its own ptxas),
     specialised as a launch on contiguous activations and accumulators would be (unit strides as
-    constants, 16-byte aligned pointers, strides and widths). Returns Triton's CompiledKernel
-    (``.metadata.shared``, ``.asm["ttgir" | "ptx" | "cubin"]``). Needs a process without
-    TRITON_INTERPRET=1 (the interpreter replaces triton.language's own jit functions)."""
+    constants, 16-byte aligned pointers, strides and widths). ``int_types`` gives integer arguments
+    another type than i32, as a launch does for values ≥ 2^31 (e.g. ``{"k_sb": "i64"}``: a batch
+    stride of keys past 2^31 elements), without allocating such tensors. Returns Triton's
+    CompiledKernel (``.metadata.shared``, ``.asm["ttgir" | "ptx" | "cubin"]``). Needs a process
+    without TRITON_INTERPRET=1 (the interpreter replaces triton.language's own jit functions)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -443,7 +452,7 @@ def compile_for_target(
             sig[name] = ptr_types[name]
             attrs[(idx,)] = [["tt.divisibility", 16]]
         else:
-            sig[name] = "i32"
+            sig[name] = (int_types or {}).get(name, "i32")
             if name not in ("R", "S"):  # widths and strides: multiples of 16 at real shapes
                 attrs[(idx,)] = [["tt.divisibility", 16]]
     consts.update({name: 1 for name in unit})
@@ -458,29 +467,32 @@ def shared_bytes_for_target(config: Config, **kwargs) -> int:
 
 
 def precompile(device: torch.device | str = "cuda") -> dict:
-    """Compile (without launching) every 16-bit candidate config for the specialisations real runs
-    use — bf16 keys with a mask, fp64 column sums, KKᵀ alone and fused with VᵀK, widths and
-    strides multiples of 16 — so that later tuning and runs find them in Triton's cache. The GPU
-    check runs this in the background while the CUDA extension builds. Returns
-    {(fused, config): shared bytes}."""
+    """Compile (without launching) every candidate config for the specialisations real runs and the
+    GPU check's table use — bf16 keys (and fp32 keys, the table's accuracy rows) with a mask, fp64
+    column sums, KKᵀ alone and fused with VᵀK, widths and strides multiples of 16 — so that later
+    tuning and runs find them in Triton's cache. The GPU check runs this in the background while the
+    CUDA extension builds. Returns {(dtype, fused, config): shared bytes}."""
     dev = torch.device(device)
-    keys = torch.zeros(1, 64, 256, device=dev, dtype=torch.bfloat16)
-    values = torch.zeros(1, 64, 128, device=dev, dtype=torch.bfloat16)
     mask = torch.ones(1, 64, device=dev, dtype=torch.bool).view(torch.uint8)
     kk = torch.zeros(256, 256, device=dev)
     ks = torch.zeros(256, device=dev, dtype=torch.float64)
     vk = torch.zeros(128, 256, device=dev)
     vs = torch.zeros(128, device=dev, dtype=torch.float64)
     out = {}
-    for fused in (False, True):
-        flags = dict(fused=fused, kk_f32=False, vk_f32=False, ks_f64=True, vs_f64=fused, has_mask=True,
-                     one_gemm=True)
-        v3, vk_, vs_, d_v = (values, vk, vs, 128) if fused else (keys, kk, ks, 0)
-        args = _kernel_args(keys, v3, mask, kk, ks, vk_, vs_, 64, 64, 256, d_v)
-        for cfg in GPU_CONFIGS_16BIT:
-            kernel = _cov_kernel.warmup(*args, grid=_grid(cfg, 256, d_v, fused), **_constexprs(cfg, **flags),
-                                        num_warps=cfg[2], num_stages=cfg[3])
-            out[(fused, cfg)] = kernel.metadata.shared
+    for dtype, configs, fuseds in ((torch.bfloat16, GPU_CONFIGS_16BIT, (False, True)),
+                                   (torch.float32, GPU_CONFIGS_F32, (True,))):
+        keys = torch.zeros(1, 64, 256, device=dev, dtype=dtype)
+        values = torch.zeros(1, 64, 128, device=dev, dtype=dtype)
+        f32 = dtype == torch.float32
+        for fused in fuseds:
+            flags = dict(fused=fused, kk_f32=f32, vk_f32=f32, ks_f64=True, vs_f64=fused, has_mask=True,
+                         one_gemm=True)
+            v3, vk_, vs_, d_v = (values, vk, vs, 128) if fused else (keys, kk, ks, 0)
+            args = _kernel_args(keys, v3, mask, kk, ks, vk_, vs_, 64, 64, 256, d_v)
+            for cfg in configs:
+                kernel = _cov_kernel.warmup(*args, grid=_grid(cfg, 256, d_v, fused), **_constexprs(cfg, **flags),
+                                            num_warps=cfg[2], num_stages=cfg[3])
+                out[(str(dtype), fused, cfg)] = kernel.metadata.shared
     return out
 
 

@@ -200,6 +200,7 @@ class UpdateError:
 def update_error(
     d: int, n: int, edit_rows: Callable[[torch.Tensor, int, int, torch.Generator], torch.Tensor],
     schemes: tuple[str, ...] = ("old_tc", "delta_tc"), seed: int = 0, chunk: int = 1024,
+    triton_bk: int = 64, triton_rows_per_acc: int = 128,
 ) -> dict[str, UpdateError]:
     """W ← (I + E) W at ``n`` random output entries of a [d, ·] bf16 W, modelled per kernel scheme.
 
@@ -216,14 +217,19 @@ def update_error(
       W[i, j] + (E·W)[i, j] in fp32 and one rounding to bf16;
     * ``"torch_delta"``: the torch default's delta form on CUDA — the same two bf16 terms, each
       one cuBLAS product over the whole reduction (one unbounded truncating chain each), E_hi·W
-      added to E_lo·W in the GEMM epilogue, then W added in fp32 and one rounding to bf16.
+      added to E_lo·W in the GEMM epilogue, then W added in fp32 and one rounding to bf16;
+    * ``"triton_delta"``: the Triton kernel (kernels/multiplicative_update.py) — the same two bf16
+      terms, per slab of ``triton_bk`` rows first every k16 step of E_lo then every one of E_hi
+      truncated onto the partial sum, handed off to a round-to-nearest fp32 sum every
+      ``triton_rows_per_acc`` rows, then W added in fp32 and one rounding to bf16
+      (``triton_chain`` is that chain, shared with the bit-for-bit test of the kernel).
 
     The data are generated ``chunk`` reduction indices at a time, so memory stays O(n · chunk).
     """
     g = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, d, (n,), generator=g)
     steps = math.ceil(d / K_STEP)
-    n_parts = {"old_tc": 3, "delta_tc": 2, "torch_delta": 2}
+    n_parts = {"old_tc": 3, "delta_tc": 2, "torch_delta": 2, "triton_delta": 2}
     blocks = {s: torch.zeros(n_parts[s], steps, n, dtype=torch.float64) for s in schemes}
     exact = torch.zeros(n, dtype=torch.float64)
     w_self = torch.zeros(n, dtype=torch.float64)
@@ -255,6 +261,8 @@ def update_error(
                     part = rz_fp32(part + blocks[s][q, st])
                 chains.append(part)
             before = rn_fp32(w_self + rn_fp32(chains[1] + chains[0]))
+        elif s == "triton_delta":
+            before = rn_fp32(w_self + triton_chain(blocks[s], triton_bk, triton_rows_per_acc))
         else:
             per = steps if s == "old_tc" else 64 // K_STEP
             acc = torch.zeros(n, dtype=torch.float64)
@@ -273,3 +281,24 @@ def update_error(
             mismatch=float((rn_bf16(before) != rn_bf16(exact)).double().mean()),
         )
     return out
+
+
+def triton_chain(blocks: torch.Tensor, bk: int, rows_per_acc: int | None) -> torch.Tensor:
+    """The Triton update kernel's accumulation of E·W: ``blocks`` [2, steps, ...] holds the exact
+    k16-step sums of E_lo·W (index 0) and E_hi·W (index 1). Per slab of ``bk`` rows, E_lo's steps
+    then E_hi's are truncated onto the partial sum; every ``rows_per_acc`` rows (None: never) it is
+    handed off to a round-to-nearest fp32 sum. Returns that sum (float64 holding fp32 values)."""
+    steps = blocks.shape[1]
+    per_slab = bk // K_STEP
+    n_slabs = math.ceil(steps / per_slab)
+    slabs_per_acc = n_slabs if rows_per_acc is None else max(1, rows_per_acc // bk)
+    acc = torch.zeros(blocks.shape[2:], dtype=torch.float64)
+    part = torch.zeros_like(acc)
+    for sl in range(n_slabs):
+        for q in range(2):
+            for st in range(sl * per_slab, min((sl + 1) * per_slab, steps)):
+                part = rz_fp32(part + blocks[q, st])
+        if (sl + 1) % slabs_per_acc == 0 or sl + 1 == n_slabs:
+            acc = rn_fp32(acc + part)
+            part = torch.zeros_like(acc)
+    return acc

@@ -467,6 +467,17 @@ with tempfile.TemporaryDirectory() as tmp:
                         str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
 out["ptxas_rc"] = r.returncode
 out["spills"] = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", r.stderr)
+# Keys and values whose batch strides straddle 2^31 (Triton passes the larger one as i64, the other
+# as i32): 2-D keys of 75k-262k rows at 70B shapes. The shared kk/vk call site must compile.
+out["mixed_strides"] = {}
+for cap in ((9, 0), (10, 0)):
+    for name, types in (("k_sb i64", {"k_sb": "i64"}), ("v_sb,v_ss i64", {"v_sb": "i64", "v_ss": "i64"})):
+        try:
+            km = compile_for_target((128, 64, 8, 4), capability=cap, fused=True, int_types=types)
+            out["mixed_strides"][f"sm_{cap[0]}{cap[1]} {name}"] = "wgmma" if "warp_group_dot" in km.asm["ttgir"] else (
+                "tcgen05" if "tc_gen5_mma" in km.asm["ttgir"] else "other")
+        except Exception as e:
+            out["mixed_strides"][f"sm_{cap[0]}{cap[1]} {name}"] = f"{type(e).__name__}: {str(e)[-300:]}"
 print(json.dumps(out))
 """
 
@@ -512,6 +523,16 @@ def test_compiled_kernel_keeps_the_handoff(compiled_sm90):
     assert compiled_sm90["ptxas_rc"] == 0
     spills = compiled_sm90["spills"]
     assert spills and all(a == "0" and b == "0" for a, b in spills), spills
+
+
+def test_compiled_with_mixed_stride_types(compiled_sm90):
+    """The issue-27 failure: with the batch stride of the keys at 2^31 or more (i64) and that of the
+    values below (i32), the shared kk/vk call site did not compile ("Mismatched type for a_sb
+    between then block (int64) and else block (int32)"). Strides are now cast to int64 before the
+    branch: it compiles for sm_90 and sm_100 either way round, to tensor-core code."""
+    mixed = compiled_sm90["mixed_strides"]
+    assert mixed == {"sm_90 k_sb i64": "wgmma", "sm_90 v_sb,v_ss i64": "wgmma",
+                     "sm_100 k_sb i64": "tcgen05", "sm_100 v_sb,v_ss i64": "tcgen05"}, mixed
 
 
 def test_parse_config_rejects_handoff_folding_block_k():

@@ -130,6 +130,10 @@ def test_classify_tests_by_backend():
     assert c("tests/test_tc_numerics.py::test_gpu_model_matches_cublas") == []
     assert c("tests/test_multiplicative_update.py::test_delta_form_matches_float64[x]") == [
         ("multiplicative_update_", "torch")]
+    assert c("tests/test_triton_update.py::test_real_shape_gpu_triton[row]") == [("multiplicative_update_", "triton")]
+    assert c("tests/test_triton_update.py::test_matches_float64[33x70-torch.bfloat16-torch.float32-delta]") == [
+        ("multiplicative_update_", "triton")]
+    assert c("tests/test_triton_update.py::test_compiled_sm100") == []
 
 
 def test_every_gpu_test_speaks_for_a_backend():
@@ -138,7 +142,8 @@ def test_every_gpu_test_speaks_for_a_backend():
     import subprocess
     import sys
 
-    files = ["tests/test_cov_accumulate.py", "tests/test_cuda_ext.py", "tests/test_multiplicative_update.py"]
+    files = ["tests/test_cov_accumulate.py", "tests/test_cuda_ext.py", "tests/test_multiplicative_update.py",
+             "tests/test_triton_update.py"]
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", *files],
                          capture_output=True, text=True, cwd=__import__("pathlib").Path(__file__).parents[1])
     ids = [ln for ln in out.stdout.splitlines() if "::" in ln]
@@ -185,3 +190,113 @@ def test_junit_to_preferences_file(tmp_path):
     merged = preferences.merge(out, into)
     assert list(merged["devices"]) == ["Fake GPU"]
     preferences.reload()
+
+
+# ------------------------------------------------------------------------------ a kernel that fails to compile
+def _compile_error():
+    import ast
+
+    from triton.compiler.errors import CompilationError
+
+    return CompilationError(None, ast.parse("x = 1").body[0],
+                            "Mismatched type for a_sb between then block (int64) and else block (int32)")
+
+
+def test_is_compile_error():
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    from zu_fast.ops.triton_backend import is_compile_error
+
+    assert is_compile_error(_compile_error())
+    assert is_compile_error(OutOfResources(262144, 232448, "shared memory"))
+    assert is_compile_error(PTXASError("ptxas fatal: unresolved extern"))
+    assert is_compile_error(RuntimeError("PassManager::run failed"))
+    assert not is_compile_error(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_compile_error(ZuFastError("cov_accumulate: kk is (3, 3)"))
+    assert not is_compile_error(ValueError("x"))
+
+
+def _cov_args():
+    keys = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0))
+    return torch.zeros(8, 8), torch.zeros(8), torch.zeros((), dtype=torch.int64), keys
+
+
+def _update_args():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 12, generator=g).to(torch.bfloat16), 0.01 * torch.randn(8, 8, generator=g)
+
+
+OPS_ARGS = {
+    "cov_accumulate": (lambda: _cov_args(), lambda a: ops.cov_accumulate(*a)),
+    "multiplicative_update_": (lambda: _update_args(), lambda a: ops.multiplicative_update_(*a, form="delta")),
+}
+
+
+@pytest.fixture
+def triton_failing_on_cpu(monkeypatch, request):
+    """The registered Triton backend of an op, made eligible and preferred on CPU, whose kernel
+    raises ``request.param`` (an error factory) before writing anything."""
+    pytest.importorskip("triton")
+    op_name, make_error = request.param
+    op = registry.get_op(op_name)
+    b = op.backends["triton"]
+    calls = []
+
+    def fails(*args, **kwargs):
+        calls.append(1)
+        raise make_error()
+
+    monkeypatch.setattr(b, "fn", fails)
+    monkeypatch.setattr(b, "device_types", ("cpu",))
+    monkeypatch.setattr(b, "_cached", True)
+    monkeypatch.setattr(b, "_failure", None)
+    monkeypatch.setitem(op.preference, "cpu", ["triton"])
+    return op_name, b, calls
+
+
+@pytest.mark.parametrize("triton_failing_on_cpu", [(name, _compile_error) for name in OPS_ARGS],
+                         indirect=True, ids=list(OPS_ARGS))
+def test_compile_error_falls_back_to_torch_with_one_warning(triton_failing_on_cpu):
+    """A chosen backend whose kernel does not compile here: one warning naming it, the torch
+    default's result, and torch from then on (no second try, no second warning)."""
+    import warnings
+
+    op_name, b, calls = triton_failing_on_cpu
+    make, run = OPS_ARGS[op_name]
+    assert ops.choose(op_name, "cpu").name == "triton"
+    args, want = make(), make()
+    registry.get_op(op_name).backends["torch"].fn(*want, **({"form": "delta"} if op_name != "cov_accumulate" else {}))
+    with pytest.warns(RuntimeWarning) as rec:
+        run(args)
+    msgs = [str(w.message) for w in rec if "failed to compile" in str(w.message)]
+    assert len(msgs) == 1 and f"triton kernel of op {op_name!r}" in msgs[0] and "torch default" in msgs[0]
+    assert all(torch.equal(a, w) for a, w in zip(args, want))  # exactly the default's result
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(args)
+    assert calls == [1]
+    assert ops.choose(op_name, "cpu").name == "torch"
+    assert "failed to compile" in b.reason()
+    row = next(r for r in ops.info() if r["op"] == op_name and r["backend"] == "triton")
+    assert row["available"] is False and "failed to compile" in row["why"]
+
+
+@pytest.mark.parametrize("triton_failing_on_cpu", [("cov_accumulate", _compile_error)], indirect=True)
+def test_compile_error_of_a_forced_backend_is_raised(triton_failing_on_cpu):
+    """ZU_FAST_BACKEND=triton asked for that backend: its compile error is raised (naming it), the
+    accumulators untouched."""
+    kk, ks, n, keys = _cov_args()
+    with ops.use_backend("triton"), pytest.raises(ZuFastError, match="ZU_FAST_BACKEND='triton'.*failed to compile"):
+        ops.cov_accumulate(kk, ks, n, keys)
+    assert not kk.any() and int(n) == 0
+
+
+@pytest.mark.parametrize("triton_failing_on_cpu", [("cov_accumulate", lambda: RuntimeError("illegal memory access"))],
+                         indirect=True)
+def test_other_errors_are_not_swallowed(triton_failing_on_cpu):
+    """Only a compile error falls back: any other error of a backend (a bug, a fault) surfaces."""
+    _, b, _ = triton_failing_on_cpu
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        ops.cov_accumulate(*_cov_args())
+    assert b._failure is None

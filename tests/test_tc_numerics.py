@@ -10,7 +10,9 @@
    tensor-core model) and the torch default (its cuBLAS calls replaced by the model) give, bit for
    bit, what the model of their scheme predicts.
 4. The multiplicative update at d = 8192: the previous tensor-core kernel (D·W, one truncating
-   chain of 1,536 steps) against the delta form W + E·W (error scales with the edit).
+   chain of 1,536 steps) against the delta form W + E·W (error scales with the edit) in the CUDA
+   kernel, the torch default and the Triton kernel; the interpreted Triton kernel on the
+   tensor-core model is its scheme bit for bit.
 
 ``gpu`` tests at the end measure the same quantities on the hardware, per backend.
 """
@@ -35,6 +37,7 @@ from tc_rounding import (
     rz_fp32,
     sample_columns,
     tc_sum,
+    triton_chain,
     update_error,
 )
 
@@ -273,11 +276,20 @@ def _real_edit(d: int, rank: int = 64, seed: int = 7):
     return rows_fn
 
 
+def _triton_update_scheme() -> dict:
+    """The Triton update kernel's BLOCK_K (first GPU candidate) and rows per partial sum, read from its code."""
+    from zu_fast.kernels import multiplicative_update as umod
+
+    return {"triton_bk": umod.GPU_CONFIGS["tc"][0][2], "triton_rows_per_acc": umod.ROWS_PER_ACC}
+
+
 @pytest.fixture(scope="module")
 def update_8192():
+    schemes = ("old_tc", "delta_tc", "torch_delta", "triton_delta")
+    tri = _triton_update_scheme()
     return {
-        "gpu_test": update_error(8192, 2048, _gpu_test_edit, ("old_tc", "delta_tc", "torch_delta"), seed=3),
-        "real_edit": update_error(8192, 2048, _real_edit(8192), ("old_tc", "delta_tc", "torch_delta"), seed=4),
+        "gpu_test": update_error(8192, 2048, _gpu_test_edit, schemes, seed=3, **tri),
+        "real_edit": update_error(8192, 2048, _real_edit(8192), schemes, seed=4, **tri),
     }
 
 
@@ -293,11 +305,13 @@ def test_old_update_kernel_shrinks_outputs(update_8192):
 
 def test_delta_form_error_scales_with_the_edit(update_8192):
     """W + E·W: the truncation touches only E·W. The CUDA kernel (partial sums handed off every 64
-    rows) shrinks outputs > 300x less and rounds ≥ 99.85% of them correctly; the torch default
-    (one cuBLAS chain per bf16 term of E) > 20x less, ≥ 99.5% correct."""
+    rows) and the Triton kernel (every 128 rows, E_lo's steps then E_hi's per slab) shrink outputs
+    > 300x less and round ≥ 99.85% of them correctly; the torch default (one cuBLAS chain per bf16
+    term of E) > 20x less, ≥ 99.5% correct."""
     for case, res in update_8192.items():
         old = res["old_tc"]
-        for scheme, shrink, mismatch in (("delta_tc", 300, 1.5e-3), ("torch_delta", 20, 5e-3)):
+        for scheme, shrink, mismatch in (("delta_tc", 300, 1.5e-3), ("triton_delta", 300, 1.5e-3),
+                                         ("torch_delta", 20, 5e-3)):
             new = res[scheme]
             print(case, new)
             assert abs(new.median_rel) < abs(old.median_rel) / shrink, (case, new)
@@ -321,6 +335,48 @@ def test_torch_delta_path_is_its_scheme(monkeypatch):
     ulps = ((W1.double() - exact.double()).abs() / (exact.double().abs() * 2.0**-8).clamp_min(1e-30))
     assert float(ulps.max()) <= 1.0  # at most one bf16 ulp from the correctly rounded result
     assert float((W1 != exact).double().mean()) < 0.02
+
+
+def _model_triton_update(W: torch.Tensor, E: torch.Tensor, bk: int, rows_per_acc: int | None) -> torch.Tensor:
+    """The modelled Triton update of bf16 W [d, n] with fp32 E [d, d]: E split in two bf16 terms,
+    the chain of triton_chain, W added in fp32, one rounding to bf16."""
+    from zu_fast.kernels.multiplicative_update import bf16_split
+
+    hi, lo = bf16_split(E)
+    d, n = W.shape
+    Wd = W.double()
+    steps = math.ceil(d / K_STEP)
+    blocks = torch.zeros(2, steps, d, n, dtype=torch.float64)
+    for q, part in enumerate((lo, hi)):
+        prods = part.double()[:, :, None] * Wd[None, :, :]  # [d_out, d_k, n]: exact bf16 products
+        prods = torch.nn.functional.pad(prods, (0, 0, 0, steps * K_STEP - d))
+        blocks[q] = prods.reshape(d, steps, K_STEP, n).sum(2).permute(1, 0, 2)  # exact k16 sums
+    before = rn_fp32(Wd + triton_chain(blocks, bk, rows_per_acc))
+    return before.float().to(torch.bfloat16)
+
+
+def test_triton_update_kernel_is_its_scheme_bit_for_bit(tensor_core_interpreter, monkeypatch):
+    """The interpreted Triton update kernel, its tl.dot on the tensor-core model, equals the model
+    of its scheme (E_lo's then E_hi's k16 steps per slab, hand-off every ROWS_PER_ACC rows, W added
+    in fp32, one rounding) bit for bit, with and without the hand-off; d = 300 spans 3 hand-offs."""
+    pytest.importorskip("triton")
+    from zu_fast.kernels import multiplicative_update as umod
+
+    if not umod.interpreting():
+        pytest.skip("runs the kernel under TRITON_INTERPRET=1")
+    bm, bn, bk = 64, 16, 32
+    monkeypatch.setenv("ZU_FAST_UPDATE_TRITON_CONFIG", f"{bm},{bn},{bk},4,1")
+    g = torch.Generator().manual_seed(3)
+    d, n = 300, 20
+    W = torch.randn(d, n, generator=g).to(torch.bfloat16)
+    E = (0.01 * torch.eye(d) + 0.3 * torch.randn(d, d, generator=g) / d**0.5).float()
+    for rows_per_acc in (umod.ROWS_PER_ACC, None):
+        if rows_per_acc is None:
+            monkeypatch.setattr(umod, "ROWS_PER_ACC", 1 << 30)  # no hand-off: one chain per output
+        got = W.clone()
+        ops.backend_fn("multiplicative_update_", "triton")(got, E, form="delta")
+        want = _model_triton_update(W, E, bk, rows_per_acc)
+        assert torch.equal(got, want), (rows_per_acc, float((got != want).double().mean()))
 
 
 # ============================================================================ GPU: the hardware

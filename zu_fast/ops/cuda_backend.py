@@ -9,6 +9,17 @@ The extension is found in this order, once, on first use:
    (``TORCH_EXTENSIONS_DIR``), so only the first process pays for the build (about a minute).
    ``ZU_FAST_CUDA_JIT=0`` disables it.
 
+Only one process builds at a time: the build holds ``zu_fast_build.lock`` in the build directory,
+a file naming the builder (PID, host, process start time). A build killed at a time limit leaves
+that file and torch's own ``lock`` behind; torch releases before about 2.10 wait for their
+``lock`` file to disappear (FileBaton: forever, for a killed builder; later releases hold an OS
+lock the kernel drops). The next build finds the holder gone (no such process on this host, or
+another process under a reused PID), removes both and builds (``BuildLock``). A live builder is
+waited for.
+
+Nothing here imports the root package ``zu_fast`` (ops sit below it): the prebuilt module and the
+sources are found by path, next to this package.
+
 No static preference: the registry picks "cuda" on a GPU only where measured_preferences.json
 lists it for that device (its correctness tests passed there and it beat torch in the GPU check's
 tables; preferences.py), or when ``ZU_FAST_BACKEND=cuda`` (or ``use_backend("cuda")``) asks for it.
@@ -16,12 +27,18 @@ tables; preferences.py), or when ``ZU_FAST_BACKEND=cuda`` (or ``use_backend("cud
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import logging
 import math
 import os
 import shutil
+import socket
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +52,12 @@ JIT_NAME = "zu_fast_cuda_ext"
 SOURCES = ("bindings.cpp", "cov_accumulate.cu", "multiplicative_update.cu")
 HEADERS = ("common.cuh", "zu_fast_kernels.h")
 
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # the installed (or editable) zu_fast package directory
+PREBUILT_NAME = "zu_fast._C"
+LOCK_FILE = "zu_fast_build.lock"
+FOREIGN_LOCK_STALE_S = 1800.0  # a lock written on another host (shared filesystem) counts as stale after this
+
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _ext = None
 _ext_origin = ""  # "prebuilt" or "jit"
@@ -43,19 +66,35 @@ _error: str | None = None  # why the extension could not be had (set once tried)
 
 # ------------------------------------------------------------------------------ locating things
 def source_dir() -> Path | None:
-    """Directory holding the CUDA C++ sources: the installed zu_fast.csrc, else the repo's csrc/."""
-    candidates = []
-    try:
-        import zu_fast.csrc as pkg  # shipped as package data
-
-        candidates.append(Path(pkg.__file__).resolve().parent)
-    except ImportError:
-        pass
-    candidates.append(Path(__file__).resolve().parents[2] / "csrc")
-    for d in candidates:
+    """Directory holding the CUDA C++ sources: the installed zu_fast/csrc (package data), else the
+    repository's csrc/ (an editable install maps zu_fast.csrc there)."""
+    for d in (PACKAGE_DIR / "csrc", PACKAGE_DIR.parent / "csrc"):
         if all((d / f).is_file() for f in SOURCES + HEADERS):
             return d
     return None
+
+
+def prebuilt_path() -> Path | None:
+    """The prebuilt extension zu_fast._C (setup.py with ZU_FAST_BUILD_CUDA=1), if installed."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        f = PACKAGE_DIR / f"_C{suffix}"
+        if f.is_file():
+            return f
+    return None
+
+
+def _load_prebuilt():
+    """Load zu_fast._C from its file (registered under its name), without importing the root package."""
+    if PREBUILT_NAME in sys.modules:
+        return sys.modules[PREBUILT_NAME]
+    path = prebuilt_path()
+    if path is None:
+        raise ImportError(f"no _C extension module in {PACKAGE_DIR}")
+    spec = importlib.util.spec_from_file_location(PREBUILT_NAME, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules[PREBUILT_NAME] = mod
+    return mod
 
 
 def find_nvcc() -> str | None:
@@ -154,6 +193,143 @@ def _ninja_available() -> bool:
         return False
 
 
+# ------------------------------------------------------------------------------ the build lock
+def _proc_start(pid: int) -> str | None:
+    """Start time of process ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie, killed but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    except OSError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+        return state not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+class BuildLock:
+    """An exclusive lock on a build directory that names its holder, so a dead holder's lock is
+    recognised and broken instead of waited on forever (torch's own FileBaton has no such rule).
+
+    The lock file holds ``pid host start``. It is stale when the host is this one and the PID does
+    not run, or runs with another start time (a reused PID); a lock from another host (a shared
+    filesystem) is stale after FOREIGN_LOCK_STALE_S. Breaking one is serialised through a second,
+    short-lived file so that two waiters cannot both remove it (one of them a fresh lock).
+    """
+
+    def __init__(self, directory: str | os.PathLike, poll_s: float = 0.2):
+        self.dir = Path(directory)
+        self.path = self.dir / LOCK_FILE
+        self.poll_s = poll_s
+        self.broke: list[str] = []  # holders whose stale locks this process removed
+
+    def _me(self) -> str:
+        return f"{os.getpid()} {socket.gethostname()} {_proc_start(os.getpid()) or '-'}"
+
+    def holder_is_stale(self, text: str) -> bool:
+        parts = text.split()
+        if len(parts) < 2:  # being written right now, or garbage: judge by age
+            return self._age() > 10.0
+        try:
+            pid = int(parts[0])
+        except ValueError:
+            return self._age() > 10.0
+        host, start = parts[1], parts[2] if len(parts) > 2 else "-"
+        if host != socket.gethostname():
+            return self._age() > FOREIGN_LOCK_STALE_S
+        if not _pid_alive(pid):
+            return True
+        now = _proc_start(pid)
+        return start != "-" and now is not None and now != start
+
+    def _age(self) -> float:
+        try:
+            return time.time() - self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def _break(self, seen: str) -> None:
+        breaker = self.dir / (LOCK_FILE + ".break")
+        try:
+            fd = os.open(breaker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:  # a breaker killed in these few lines: its file is old
+                if time.time() - breaker.stat().st_mtime > 30:
+                    breaker.unlink()
+            except OSError:
+                pass
+            return
+        try:
+            os.close(fd)
+            try:
+                if self.path.read_text() == seen:  # still the stale holder, not a fresh lock
+                    self.path.unlink()
+                    self.broke.append(seen)
+                    log.warning("zu_fast: removed the CUDA build lock of a build that no longer runs (%s)", seen)
+            except FileNotFoundError:
+                pass
+        finally:
+            breaker.unlink(missing_ok=True)
+
+    def acquire(self, timeout_s: float | None = None) -> None:
+        """Take the lock, waiting while a live holder has it (TimeoutError after ``timeout_s``)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    seen = self.path.read_text()
+                except FileNotFoundError:
+                    continue
+                if self.holder_is_stale(seen):
+                    self._break(seen)
+                    continue
+                if timeout_s is not None and time.monotonic() - t0 > timeout_s:
+                    raise TimeoutError(f"{self.path} is held by a running build ({seen.strip()})") from None
+                time.sleep(self.poll_s)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self._me())
+            return
+
+    def release(self) -> None:
+        try:
+            if self.path.read_text() == self._me():
+                self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> BuildLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def build_directory() -> Path:
+    """Where the JIT build goes: torch's extensions directory for JIT_NAME (TORCH_EXTENSIONS_DIR)."""
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(JIT_NAME, verbose=False))
+
+
 def _jit_build():
     from torch.utils import cpp_extension
 
@@ -166,14 +342,23 @@ def _jit_build():
         raise RuntimeError("ninja not found (pip install ninja)")
     _fix_torch_cuda_home()
     flags = ["-O3", "-lineinfo", *arch_flags(torch.cuda.get_device_capability())]
-    return cpp_extension.load(
-        name=JIT_NAME,
-        sources=[str(src / f) for f in SOURCES],
-        extra_include_paths=[str(src)],
-        extra_cflags=["-O3"],
-        extra_cuda_cflags=flags,
-        verbose=os.environ.get("ZU_FAST_CUDA_VERBOSE", "") == "1",
-    )
+    build_dir = build_directory()
+    with BuildLock(build_dir):
+        # Every zu_fast build holds BuildLock, so with it held a torch `lock` file here is the
+        # leftover of a killed build: torch would wait on it forever.
+        stale = build_dir / "lock"
+        if stale.exists():
+            log.warning("zu_fast: removing torch's build lock %s left by a killed build", stale)
+            stale.unlink(missing_ok=True)
+        return cpp_extension.load(
+            name=JIT_NAME,
+            sources=[str(src / f) for f in SOURCES],
+            extra_include_paths=[str(src)],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=flags,
+            build_directory=str(build_dir),
+            verbose=os.environ.get("ZU_FAST_CUDA_VERBOSE", "") == "1",
+        )
 
 
 def load_extension():
@@ -192,9 +377,7 @@ def load_extension():
             raise RuntimeError(problem)
         reasons = []
         try:
-            from zu_fast import _C  # type: ignore[attr-defined]
-
-            _ext, _ext_origin = _C, "prebuilt"
+            _ext, _ext_origin = _load_prebuilt(), "prebuilt"
             return _ext
         except ImportError as e:
             reasons.append(f"no prebuilt zu_fast._C ({e})")
@@ -228,14 +411,9 @@ def why_unavailable() -> str:
 
 def build_status() -> dict:
     """How the CUDA extension would be obtained here, without building anything (for `zu-fast info`)."""
-    import importlib.util
-
     nvcc = find_nvcc()
     src = source_dir()
-    try:
-        prebuilt = importlib.util.find_spec("zu_fast._C") is not None
-    except (ImportError, ValueError):
-        prebuilt = False
+    prebuilt = prebuilt_path() is not None
     device_problem = _cuda_device_problem()
     jit_enabled = os.environ.get(JIT_ENV, "1").strip() != "0"
     ninja = _ninja_available()
@@ -346,21 +524,20 @@ def multiplicative_update_cuda(
     return W
 
 
-register_backend(
-    "cov_accumulate",
-    "cuda",
-    cov_accumulate_cuda,
-    device_types=("cuda",),
-    available=is_available,
-    why_unavailable=why_unavailable,
-    # preferred per device by measurement only (preferences.py), no prefer_on
-)
-register_backend(
-    "multiplicative_update_",
-    "cuda",
-    multiplicative_update_cuda,
-    device_types=("cuda",),
-    available=is_available,
-    why_unavailable=why_unavailable,
-    # preferred per device by measurement only (preferences.py, update_table.py), no prefer_on
-)
+def _status() -> tuple[bool | None, str]:
+    """What is known without building: loaded, failed, no usable device, or how it would be had."""
+    if _ext is not None:
+        return True, ""
+    if _error is not None:
+        return False, _error
+    problem = _cuda_device_problem()
+    if problem is not None:
+        return False, problem
+    return None, build_status()["reason"]
+
+
+# Preferred per device by measurement only (preferences.py; cov_table.py, update_table.py), no
+# prefer_on. Availability means a build (minutes): ``status`` lets info() describe it without one.
+for _op, _fn in (("cov_accumulate", cov_accumulate_cuda), ("multiplicative_update_", multiplicative_update_cuda)):
+    register_backend(_op, "cuda", _fn, device_types=("cuda",), available=is_available,
+                     why_unavailable=why_unavailable, status=_status)

@@ -17,9 +17,10 @@ of W (the delta form's bf16 split of E on CUDA is d×d: two bf16 copies of E).
 Rounding is to nearest. Stochastic rounding (bf16/fp16 W, ``stochastic_rounding=True``) rounds
 each result up or down with probability given by its distance to the two neighbours, so an edit
 smaller than half an ulp survives on average. Its random bits come from a stateless hash of
-(seed, element index) — the same hash in every backend (``sr_random_bits``; csrc/common.cuh) —
-with the seed given, or derived from the bytes of M (``edit_seed``): the same edit rounds the same
-way on every call, and no random generator (global or other) is touched.
+(seed, element index) — the same hash in every backend (``sr_random_bits``; csrc/common.cuh;
+kernels/multiplicative_update.py) — with the seed given, or derived from the bytes of M
+(``edit_seed``): the same edit rounds the same way on every call, and no random generator (global
+or other) is touched.
 """
 
 from __future__ import annotations

@@ -132,9 +132,10 @@ def classify_test(nodeid: str) -> list[tuple[str, str]]:
     """(op, backend) pairs whose correctness a test (pytest node id) speaks for; [] for the others.
 
     The op test files name their backend in the test name or its parameters: test_cuda_ext.py
-    tests the CUDA extension, ``triton`` in a cov test's name or id the Triton kernel, a ``torch``
-    id (or a test of the default in test_multiplicative_update.py) the plain-PyTorch default;
-    test_tc_numerics.py's GPU tests carry the backend as their last parameter.
+    tests the CUDA extension, test_triton_update.py the Triton update kernel, ``triton`` in a cov
+    test's name or id the Triton kernel, a ``torch`` id (or a test of the default in
+    test_multiplicative_update.py) the plain-PyTorch default; test_tc_numerics.py's GPU tests carry
+    the backend as their last parameter.
     """
     path, _, name = nodeid.partition("::")
     file = Path(path).name
@@ -159,6 +160,12 @@ def classify_test(nodeid: str) -> list[tuple[str, str]]:
             if b in params:
                 return [("multiplicative_update_", b)]
         return [("multiplicative_update_", "torch")]
+    if file == "test_triton_update.py":  # the Triton update kernel; its compile-only and host checks say nothing
+        host_only = ("test_parse_config", "test_default_chunk_bounds_the_staging_buffer",
+                     "test_triton_registered_not_preferred", "test_bf16_split_is_the_torch_defaults")
+        if base.startswith("test_compiled") or base in host_only:
+            return []
+        return [("multiplicative_update_", "triton")]
     if file == "test_tc_numerics.py" and base.startswith("test_gpu"):
         backend = params[-1] if params and params[-1] in ("torch", "triton", "cuda") else None
         return [(op, backend)] if backend else []

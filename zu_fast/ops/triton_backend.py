@@ -4,6 +4,10 @@ Nothing is imported from Triton here: each registered function imports its kerne
 call, and availability (Triton importable and a CUDA device present) is checked lazily by the
 registry. Under ``TRITON_INTERPRET=1`` the kernels also run on CPU tensors when called directly
 (``zu_fast.ops.backend_fn(op, "triton")``), which is how the CPU test suite exercises them.
+
+A kernel that fails to compile on the device at hand (a Triton error raised before anything is
+written) is not a crash of the op: ``is_compile_error`` tells the registry, which warns once,
+naming the backend, and runs the plain-PyTorch default from then on (registry.call).
 """
 
 from __future__ import annotations
@@ -43,6 +47,21 @@ def _why_unavailable() -> str:
     return ""
 
 
+def is_compile_error(e: BaseException) -> bool:
+    """Whether ``e`` is Triton failing to build a kernel for this device (front end, MLIR passes,
+    ptxas, or resources the compiled kernel needs and the device lacks): raised before the launch,
+    so the op's outputs are untouched and the default can run instead."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources, PTXASError
+    except Exception:  # pragma: no cover - triton missing or of another layout
+        return False
+    if isinstance(e, (CompilationError, OutOfResources, PTXASError)):
+        return True
+    # an MLIR pass that fails raises a bare RuntimeError from the compiler's pass manager
+    return isinstance(e, RuntimeError) and "PassManager::run failed" in str(e)
+
+
 def cov_accumulate_triton(kk, ks, n, keys, mask=None, *, values=None, vk=None, vs=None) -> None:
     """Triton ``cov_accumulate``: upper-triangle tiles of kk, sums and n in one launch (lazy import)."""
     from ..kernels.cov_accumulate import cov_accumulate_triton as fn
@@ -50,14 +69,24 @@ def cov_accumulate_triton(kk, ks, n, keys, mask=None, *, values=None, vk=None, v
     fn(kk, ks, n, keys, mask, values=values, vk=vk, vs=vs)
 
 
-# No static preference: on a GPU it is preferred only where measured_preferences.json says so for
-# that device (correctness tests passed there and it beat torch in cov_table.py; preferences.py).
-register_backend(
-    "cov_accumulate",
-    "triton",
-    cov_accumulate_triton,
-    device_types=("cuda",),
-    available=_available,
-    why_unavailable=_why_unavailable,
-    prefer_on=(),
-)
+def multiplicative_update_triton(W, D, *, form: str = "multiplier", **kwargs):
+    """Triton ``multiplicative_update_``: W + E·W in place, tensor cores for bf16 W and fp32 E (lazy import)."""
+    from ..kernels.multiplicative_update import multiplicative_update_triton as fn
+
+    return fn(W, D, form=form, **kwargs)
+
+
+# No static preference: on a GPU a backend is preferred only where measured_preferences.json says so
+# for that device (correctness tests passed there and it beat torch in the GPU check's tables;
+# preferences.py).
+for _op, _fn in (("cov_accumulate", cov_accumulate_triton), ("multiplicative_update_", multiplicative_update_triton)):
+    register_backend(
+        _op,
+        "triton",
+        _fn,
+        device_types=("cuda",),
+        available=_available,
+        why_unavailable=_why_unavailable,
+        fallback_on=is_compile_error,
+        prefer_on=(),
+    )
