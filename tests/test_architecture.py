@@ -23,8 +23,8 @@ SOURCES = (("zu_fast", ROOT / "zu_fast"), ("zu_fast.kernels", ROOT / "kernels"),
 # Layers, bottom to top: a module may import its own layer and the layers below, never one above.
 LAYERS: list[tuple[str, ...]] = [
     ("zu_fast.errors", "zu_fast._version"),
-    ("zu_fast.ops", "zu_fast.kernels", "zu_fast.csrc", "zu_fast.atomic"),
-    ("zu_fast.model",),
+    ("zu_fast.ops", "zu_fast.kernels", "zu_fast.csrc"),
+    ("zu_fast.model", "zu_fast.atomic"),
     ("zu_fast.config", "zu_fast.requests", "zu_fast.metrics"),
     ("zu_fast.provenance",),
     ("zu_fast.edit", "zu_fast.stats"),
@@ -44,6 +44,11 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+def _import_module_call(node: ast.AST) -> bool:
+    return (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+            and bool(node.args) and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+
+
 def _edges(mods: dict[str, Path]) -> dict[str, set[str]]:
     edges: dict[str, set[str]] = {m: set() for m in mods}
     for mod, path in mods.items():
@@ -59,6 +64,9 @@ def _edges(mods: dict[str, Path]) -> dict[str, set[str]]:
                 targets = subs if len(subs) == len(node.names) else subs + [name]
             elif isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
+            elif _import_module_call(node):  # importlib.import_module("zu_fast.x") counts too
+                name = node.args[0].value
+                targets = [package + name if name.startswith(".") else name]  # relative: to __package__
             else:
                 continue
             for t in targets:
@@ -124,6 +132,9 @@ def test_the_walker_sees_lazy_and_relative_imports():
     # `from . import x` of a submodule names the submodule, `from .pkg import name` the package
     assert "zu_fast.provenance" in edges["zu_fast.edit"]
     assert "zu_fast.config" in edges["zu_fast.method.unlearn"]
+    # an ops module reaches only errors, ops and the kernels (the layer just above errors)
+    assert {e for m in edges if m.startswith("zu_fast.ops") for e in edges[m]} <= (
+        {"zu_fast.errors"} | {m for m in edges if m.startswith(("zu_fast.ops", "zu_fast.kernels", "zu_fast.csrc"))})
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
 
 
