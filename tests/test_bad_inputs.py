@@ -16,7 +16,7 @@ import torch
 from tiny_models import REQUESTS, corpus, gpt2, llama
 
 import zu_fast
-from zu_fast import Edit, StaleStatsError, UnlearnConfig, ZuFastError
+from zu_fast import Edit, StaleStatsError, UnlearnConfig, UnlearnRequest, ZuFastError
 from zu_fast.stats.collect import CorpusStats
 
 TEMPLATES = [["{}"], ["Because I. {}"]]
@@ -86,6 +86,14 @@ def _nan_above(env: Env):
     return _unlearn(env, model=model)
 
 
+def _from_text(env: Env):
+    """A request built from full text whose subject is not in it, then unlearned (refused when it is built)."""
+    model = env.fresh()
+    return model, lambda: zu_fast.unlearn(model, env.tok, [UnlearnRequest.from_text("Alice was born in", "Bob Kestrel",
+                                                                                     "Lisbon")], env.cfg,
+                                          stats=env.stats, context_templates=TEMPLATES)
+
+
 def _stats_of(env: Env, model) -> CorpusStats:
     return zu_fast.collect_stats(model, env.tok, corpus(20), env.cfg, cache=False)
 
@@ -115,6 +123,15 @@ UNLEARN_CASES: dict[str, tuple[Callable, type, str]] = {
     "subject_longer_than_context": (lambda e: _unlearn(e, requests=_req(subject="Alice Morvan " * 200)),
                                     ZuFastError, r"request#0 .*tokens; the model reads at most 256"),
     "no_requests": (lambda e: _unlearn(e, requests=[]), ZuFastError, r"no requests"),
+    # issue 26: "subject not in the prompt" is real where it can happen
+    "prompt_spells_the_subject_out": (lambda e: _unlearn(e, requests=_req(prompt="Alice Morvan was born in")),
+                                      ZuFastError,
+                                      r"request#0 .*spells the subject out instead.*UnlearnRequest\.from_text"),
+    "prompt_without_braces_or_subject": (lambda e: _unlearn(e, requests=_req(prompt="She was born in")), ZuFastError,
+                                         r"request#0 .*found none, and the subject is not found in the prompt"),
+    "from_text_subject_not_in_the_text": (_from_text, ZuFastError,
+                                          r"^subject 'Bob Kestrel' not found in the prompt "
+                                          r"'Alice was born in'$"),
     "nan_weights_above_edited_layers": (_nan_above, ZuFastError,
                                         r"NaN/Inf: model\.layers\.3\.mlp\.up_proj\.weight"),
     "stats_of_another_model": (lambda e: _unlearn(e, stats=_stats_of(e, llama(seed=1)[0])),
@@ -291,6 +308,12 @@ def _jsonl(env: Env) -> Path:
     return p
 
 
+def _binary_line(env: Env) -> Path:
+    p = env.tmp / "corpus_bin.txt"
+    p.write_bytes("".join(f"text number {i}\n" for i in range(23)).encode() + b"a \xff\xfe binary line\n" + b"ok\n")
+    return p
+
+
 def _non_empty_folder(env: Env) -> Path:
     p = env.tmp / "someones_folder"
     p.mkdir(exist_ok=True)
@@ -313,6 +336,8 @@ STATS_CASES: dict[str, tuple[Callable, type, str]] = {
     "corpus_item_not_a_string": (_collect(lambda e: ["Alice was born in Lisbon.", 5]), ZuFastError,
                                  r"corpus item 1 has type int"),
     "corpus_is_a_folder": (_collect(lambda e: e.tmp), ZuFastError, r"is a folder; give a \.txt or \.jsonl file"),
+    "corpus_txt_binary_line": (_collect(_binary_line), ZuFastError,
+                               r"corpus_bin\.txt:24: not UTF-8 text \(byte 0xff at column 3"),
 }
 
 

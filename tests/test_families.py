@@ -23,6 +23,10 @@ from zu_fast.config import SUPPORTED_FAMILIES
 from zu_fast.config.presets import default_layers
 
 TEMPLATES = [["{}"], ["Because. {}"]]  # fixed context templates: no generation in the tests
+# Families with a norm after the MLP output (Gemma 2/3's post_feedforward_layernorm, OLMo 2's post-norm): on these
+# random weights the edit moves the edited layers by hundreds of norms and the z layer's output away from the
+# targets (issue 26); it is refused by the hard limit, and the plumbing below is checked with allow_large_change.
+POST_NORM = ("gemma2", "gemma3_text", "olmo2")
 FAST = dict(progress=False, v_num_grad_steps=2, original_representation="clean", stats_batch_tokens=512)
 
 
@@ -50,6 +54,12 @@ def test_family_end_to_end(family, tmp_path):
 
     stats = zu_fast.collect_stats(model, tok, corpus(24), cfg, cache=False)
     before = _state(model)
+    if family in POST_NORM:
+        with pytest.raises(zu_fast.UnsafeEditError, match="beyond the hard limit") as refused:
+            zu_fast.unlearn(model, tok, REQUESTS[:2], cfg, stats=stats, context_templates=TEMPLATES)
+        assert _same(_state(model), before) and zu_fast.edits(model) == []
+        assert "large_weight_change" in {f["kind"] for f in refused.value.report.flags}
+        cfg = cfg.replace(allow_large_change=True)
     edit = zu_fast.unlearn(model, tok, REQUESTS[:2], cfg, stats=stats, context_templates=TEMPLATES)
     edited = _state(model)
     changed = sorted(k for k in before if not torch.equal(before[k], edited[k]))

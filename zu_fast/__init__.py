@@ -14,7 +14,7 @@ from __future__ import annotations
 from ._version import __version__  # noqa: E402
 from .config import UnlearnConfig  # noqa: E402
 from .edit import Edit, EditReport, edits  # noqa: E402
-from .errors import StaleStatsError, ZuFastError  # noqa: E402
+from .errors import StaleStatsError, UnsafeEditError, ZuFastError  # noqa: E402
 from .method.unlearn import unlearn  # noqa: E402
 from .requests import UnlearnRequest  # noqa: E402
 from .stats.collect import CorpusStats, collect_stats  # noqa: E402
@@ -27,6 +27,7 @@ __all__ = [
     "StaleStatsError",
     "UnlearnConfig",
     "UnlearnRequest",
+    "UnsafeEditError",
     "ZuFastError",
     "__version__",
     "collect_stats",

@@ -97,9 +97,50 @@ def _config(model, args):
         overrides["method"] = args.method
     if getattr(args, "quiet", False):
         overrides["progress"] = False
+    if getattr(args, "strict", False):
+        overrides["strict"] = True
+    if getattr(args, "allow_large_change", False):
+        overrides["allow_large_change"] = True
     if getattr(args, "config", None):
         return UnlearnConfig.from_json(args.config, **overrides)
     return UnlearnConfig.for_model(model, **overrides)
+
+
+def _check_config_args(args) -> None:
+    """--config (readable, valid), --layers (integers) and the other config flags, before the model is loaded."""
+    from .config import UnlearnConfig
+    from .errors import ZuFastError
+
+    if getattr(args, "layers", None):
+        try:
+            layers = [int(x) for x in args.layers.split(",")]
+        except ValueError:
+            raise ZuFastError(f"--layers {args.layers!r}: expected comma-separated integers") from None
+        if any(x < 0 for x in layers):
+            raise ZuFastError(f"--layers {args.layers!r}: layers are indices ≥ 0")
+    if getattr(args, "config", None):
+        p = Path(args.config)
+        if not p.is_file():
+            raise ZuFastError(f"config file {args.config!r} " + ("is a folder" if p.exists() else "does not exist"))
+        with warnings.catch_warnings():  # (said once, when the command reads it for real)
+            warnings.simplefilter("ignore")
+            UnlearnConfig.from_json(args.config)  # a bad file is refused before the model is loaded
+
+
+def _weights_bytes(model_dir: str) -> int:
+    """The size of a model folder's weight files (what a saved copy of it needs)."""
+    pats = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+    return sum(f.stat().st_size for pat in pats for f in Path(model_dir).glob(pat) if f.is_file())
+
+
+def _check_space(out: str, model_dir: str, flag: str) -> None:
+    """Refuse, before any work, an output folder whose disk cannot hold a copy of the model."""
+    from .atomic import disk_full_error, free_bytes
+
+    need = _weights_bytes(model_dir)
+    free = free_bytes(out)
+    if need and free is not None and free < need:
+        raise disk_full_error(out, f"model ({flag})", need, before=True)
 
 
 def _read_requests(path: str) -> list:
@@ -178,7 +219,12 @@ def _save_model(model, tok, out: str, overwrite: bool, record: list[dict[str, An
         tok.save_pretrained(str(tmp))
         (tmp / EDITS_RECORD).write_text(json.dumps({"format_version": 1, "edits": record}, indent=2))
 
-    write_into(out, writer, overwrite=overwrite, what="model", last=[EDITS_RECORD])
+    seen, need = set(), 1 << 20  # tokenizer and config files: about a MiB
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta" and t.data_ptr() not in seen:  # tied weights are saved once
+            seen.add(t.data_ptr())
+            need += t.numel() * t.element_size()
+    write_into(out, writer, overwrite=overwrite, what="model", last=[EDITS_RECORD], need_bytes=need)
 
 
 def _say(args, *msg: Any) -> None:
@@ -192,8 +238,12 @@ def cmd_demo(args) -> int:
 
     from . import collect_stats, metrics, unlearn
     from .config import UnlearnConfig
+    from .errors import ZuFastError
     from .eval import tinylm
 
+    most = tinylm.TinyLMConfig().world.n_people // 2  # the default world, known before training
+    if not 1 <= args.n <= most:
+        raise ZuFastError(f"--n {args.n}: the demo's world has {2 * most} people; forget 1 to {most} facts")
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     print("zu_fast demo: the project's own small model on a world of fictitious people", flush=True)
@@ -227,7 +277,7 @@ def cmd_demo(args) -> int:
 def cmd_stats(args) -> int:
     from . import collect_stats
     from .atomic import check_target
-    from .errors import StaleStatsError
+    from .errors import StaleStatsError, ZuFastError
     from .stats import describe
     from .stats.corpus import read_corpus
     from .stats.store import save_stats
@@ -238,6 +288,9 @@ def cmd_stats(args) -> int:
         check_target(args.out, overwrite=args.overwrite, what="statistics")
     if not Path(args.corpus).is_file():
         read_corpus(args.corpus)  # the error naming it
+    if args.n_samples is not None and args.n_samples < 1:
+        raise ZuFastError(f"--n-samples {args.n_samples}: expected an integer ≥ 1")
+    _check_config_args(args)
     model, tok = _load_model(args.model, args.dtype, args.device)
     cfg = _config(model, args)
     cfg = cfg.replace(**({"mom2_n_samples": args.n_samples} if args.n_samples else {}))
@@ -254,6 +307,9 @@ def cmd_stats(args) -> int:
             stats.path = args.out
     else:
         stats = collect_stats(model, tok, texts, cfg, cache_path=args.out)
+    if stats.path is None:  # the default cache could not take them (a full disk: said in the warning above)
+        raise ZuFastError("the statistics were computed but could not be written to the cache (see the warning); "
+                          "free some space there, or give --out DIR on another disk")
     print(describe(stats))
     return 0
 
@@ -270,22 +326,25 @@ def cmd_unlearn(args) -> int:
 
     # everything that can be wrong with the inputs, before the model is even loaded
     requests = _read_requests(args.requests)
+    if _same_folder(args.out, args.model) or Path(args.out).resolve() == Path(args.model).resolve():
+        raise ZuFastError(f"--out {args.out!r} is the source model folder; zu_fast never writes into the model it "
+                          "read (choose another folder for the edit)")
     check_target(args.out, overwrite=args.overwrite, what="edit")
     if args.save_model:
         _check_model_out(args.save_model, args.model, args.overwrite, "--save-model")
+        if _same_folder(args.save_model, args.out) or Path(args.save_model).resolve() == Path(args.out).resolve():
+            raise ZuFastError(f"--save-model {args.save_model!r} and --out are the same folder; give the edited model "
+                              "and the edit a folder each")
     _check_model_folder(args.model)
+    if args.save_model:
+        _check_space(args.save_model, args.model, "--save-model")
     if not args.corpus and not args.stats:
         raise ZuFastError("give --corpus (statistics are collected and cached) or --stats DIR")
     if args.corpus and not Path(args.corpus).is_file():
         read_corpus(args.corpus)  # the error naming it
     if args.stats and not args.corpus:
         read_meta(args.stats)  # a statistics folder, readable
-    if args.config:
-        from .config import UnlearnConfig
-
-        with warnings.catch_warnings():  # (said once, below)
-            warnings.simplefilter("ignore")
-            UnlearnConfig.from_json(args.config)  # a bad file is refused before the model is loaded
+    _check_config_args(args)
     model, tok = _load_model(args.model, args.dtype, args.device)
     cfg = _config(model, args)
     edit_targets(model, cfg.layers, cfg.locate)  # layers and module names
@@ -303,17 +362,34 @@ def cmd_unlearn(args) -> int:
     print(f"saved edit {edit.id} to {args.out}; apply with zu-fast apply {args.out} --model DIR --out DIR, or "
           f"zu_fast.Edit.load({args.out!r}).apply(model)")
     if args.save_model:
-        _save_model(model, tok, args.save_model, args.overwrite, _read_record(args.model) + [edit.summary()])
+        try:
+            _save_model(model, tok, args.save_model, args.overwrite, _read_record(args.model) + [edit.summary()])
+        except ZuFastError as e:
+            raise ZuFastError(f"{e}. The edit itself was saved to {args.out}: zu-fast apply {args.out} --model "
+                              f"{args.model} --out DIR writes the edited model later") from None
         print(f"saved edited model to {args.save_model}")
     return 0
+
+
+def _check_edit_folder(path: str, out: str) -> None:
+    from .errors import ZuFastError
+
+    p = Path(path)
+    if not p.is_dir() or not (p / "edit.json").is_file():
+        raise ZuFastError(f"{path} is not a saved zu_fast edit folder (no edit.json)" if p.is_dir() or not p.exists()
+                          else f"{path} is a file; give the folder a saved edit lives in")
+    if _same_folder(out, path) or Path(out).resolve() == p.resolve():
+        raise ZuFastError(f"--out {out!r} is the edit's own folder; choose another folder for the model")
 
 
 def cmd_apply(args) -> int:
     from .edit import Edit
 
-    edit = Edit.load(args.edit)
+    _check_edit_folder(args.edit, args.out)
     _check_model_folder(args.model)
     _check_model_out(args.out, args.model, args.overwrite, "--out")
+    _check_space(args.out, args.model, "--out")
+    edit = Edit.load(args.edit)
     record = _read_record(args.model)
     model, tok = _load_model(args.model, args.dtype, args.device)
     edit.apply(model, cast=args.cast)
@@ -328,9 +404,11 @@ def cmd_restore(args) -> int:
     from .edit import Edit
     from .errors import ZuFastError
 
-    edit = Edit.load(args.edit)
+    _check_edit_folder(args.edit, args.out)
     _check_model_folder(args.model)
     _check_model_out(args.out, args.model, args.overwrite, "--out")
+    _check_space(args.out, args.model, "--out")
+    edit = Edit.load(args.edit)
     record = _read_record(args.model)
     mine = [i for i, r in enumerate(record) if r.get("id") == edit.id]
     if mine:
@@ -434,6 +512,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--neutral-target", help="string the model should say instead (default: EOS)")
     u.add_argument("--out", required=True, help="folder for the saved edit")
     u.add_argument("--save-model", help="also save the edited model here (never the source folder)")
+    u.add_argument("--strict", action="store_true",
+                   help="refuse a flagged edit (targets not reached, large weight change, ...): nothing is saved")
+    u.add_argument("--allow-large-change", action="store_true",
+                   help="apply an edit that moves a layer beyond the hard limit (hard_limit_multiple × "
+                        "max_rel_weight_change), refused otherwise")
     overwrite_arg(u, "--out/--save-model")
 
     a = sub.add_parser("apply", help="apply a saved edit to a model folder and save the edited model")

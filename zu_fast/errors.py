@@ -13,3 +13,13 @@ class ZuFastError(ValueError):
 
 class StaleStatsError(ZuFastError):
     """A statistics cache that does not belong to this model, corpus or configuration."""
+
+
+class UnsafeEditError(ZuFastError):
+    """An edit refused after it was computed (``strict``, or a change beyond the hard limit): the weights were put
+    back; ``report`` is the run's :class:`~zu_fast.EditReport` (flags, per-layer numbers) for a look at what went
+    wrong."""
+
+    def __init__(self, message: str, report=None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -9,7 +9,10 @@ Extra keys (paraphrase_prompts, neighborhood_prompts, ...) are kept in ``extra``
 
 What is refused (``ZuFastError`` naming the request, before any work) and what is fixed with a warning:
 - a prompt without exactly one ``{}``, or with any other replacement field (``{x}``, ``{0}``, ``{:>5}``,
-  a lone brace): refused (write literal braces as ``{{`` and ``}}``);
+  a lone brace): refused (write literal braces as ``{{`` and ``}}``); a prompt without ``{}`` says whether it
+  spells the subject out (then ``UnlearnRequest.from_text`` builds the template) or does not contain it;
+- ``UnlearnRequest.from_text(text, subject, ...)`` with a subject that is not in the text: refused ("subject
+  not found in the prompt");
 - a prompt, subject or target that is not a string (``42``), or an empty subject / target: refused;
 - the same request more than once (same prompt, subject and target): a warning naming them, and only the
   first is kept (a copy would only weigh the fact more: three copies enlarge ‖D − I‖ by ~60%);
@@ -48,7 +51,7 @@ class UnlearnRequest:
             value = getattr(self, what)
             if not isinstance(value, str):
                 raise ZuFastError(f"{name}: {what} must be a string, got {type(value).__name__} {_short(value)}")
-        _check_prompt(self.prompt, name)
+        _check_prompt(self.prompt, name, self.subject)
         if not self.subject.strip():
             raise ZuFastError(f"{name}: subject is empty")
         if not self.target_true.strip():
@@ -61,9 +64,19 @@ class UnlearnRequest:
 
     @classmethod
     def from_text(cls, text: str, subject: str, target_true: str, **kw: Any) -> UnlearnRequest:
-        """Build from a prompt that contains the subject literally (its first occurrence becomes {})."""
-        if not subject or subject not in text:
-            raise ZuFastError(f"subject {subject!r} not found in prompt {text!r}")
+        """Build from a prompt that contains the subject literally (its first occurrence becomes {}).
+
+        A subject that is not in ``text`` is refused (ZuFastError: "subject … not found in the prompt")."""
+        ident = f"#{kw['case_id']}" if kw.get("case_id") is not None else ""
+        for what, value in (("text", text), ("subject", subject), ("target_true", target_true)):
+            if not isinstance(value, str):
+                raise ZuFastError(f"request{ident}: {what} must be a string, got {type(value).__name__} "
+                                  f"{_short(value)}")
+        if not subject.strip() or subject not in text:
+            near = " (it is there in another case: subjects are matched exactly)" \
+                if subject.strip() and subject.lower() in text.lower() else ""
+            raise ZuFastError(f"subject {_short(subject)} not found in the prompt {_short(text)}{near}"
+                              + (f" (request{ident})" if ident else ""))
         i = text.index(subject)
         template = text[:i].replace("{", "{{").replace("}", "}}") + "{}" + \
             text[i + len(subject):].replace("{", "{{").replace("}", "}}")
@@ -95,7 +108,7 @@ def _short(value: Any, n: int = 60) -> str:
     return r if len(r) <= n else r[: n - 4] + "…" + r[-3:]
 
 
-def _check_prompt(prompt: str, name: str) -> None:
+def _check_prompt(prompt: str, name: str, subject: str | None = None) -> None:
     """Exactly one plain ``{}`` replacement field; anything else str.format would choke on or misread."""
     try:
         fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(prompt) if f is not None]
@@ -107,6 +120,13 @@ def _check_prompt(prompt: str, name: str) -> None:
         shown = ", ".join("{" + f + "}" if f else "{…}" for f in others)
         raise ZuFastError(f"{name}: prompt {_short(prompt)} has the replacement field {shown}; a prompt has exactly "
                           "one '{}' where the subject goes (write literal braces as '{{' and '}}')")
+    if not fields and isinstance(subject, str) and subject.strip():
+        if subject in prompt:
+            raise ZuFastError(f"{name}: prompt {_short(prompt)} must contain exactly one '{{}}' where the subject "
+                              "goes; it spells the subject out instead: write '{}' in its place, or build the request "
+                              "with UnlearnRequest.from_text(text, subject, target_true)")
+        raise ZuFastError(f"{name}: prompt {_short(prompt)} must contain exactly one '{{}}' where the subject goes, "
+                          "found none, and the subject is not found in the prompt either")
     if len(fields) != 1:
         raise ZuFastError(
             f"{name}: prompt {_short(prompt)} must contain exactly one '{{}}' where the subject goes, found "

@@ -83,6 +83,9 @@ FLAT: dict[str, tuple[str | None, str]] = {
     # safety
     "max_rel_weight_change": ("safety", "max_rel_weight_change"),
     "min_gap_closed": ("safety", "min_gap_closed"),
+    "hard_limit_multiple": ("safety", "hard_limit_multiple"),
+    "allow_large_change": ("safety", "allow_large_change"),
+    "strict": ("safety", "strict"),
     # runtime
     "batch_size": ("runtime", "batch_size"),
     "backup_device": ("runtime", "backup_device"),

@@ -153,7 +153,7 @@ def preset_for(mcfg: Any, *, explicit: set[str] | frozenset[str] = frozenset(), 
     found: dict[str, Any] = {}
     if model is not None:
         found = resolve_names(model, n_layers)
-        n_layers = n_layers or found.get("n_layers")
+        n_layers = found.get("n_layers") or n_layers  # the model's own decoder list (Blenderbot: not the config's)
     if n_layers is not None and n_layers < 1:
         raise ZuFastError(f"model_type={model_type!r} has {n_layers} layers: nothing to edit")
     from_model = {k: found[k] for k in ("lm_head_module", "ln_f_module") if k in found}

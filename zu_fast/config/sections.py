@@ -186,19 +186,36 @@ class GD:
 
 @dataclass
 class Safety:
-    """Checks of the finished edit (each failure is a warning and a flag in ``edit.report.flags``)."""
+    """Checks of the finished edit: each failure is a warning and a flag in ``edit.report.flags``; under ``strict``
+    any flag puts the weights back and raises ``UnsafeEditError`` carrying the report (``zu_fast.method.safety``)."""
 
     # An edited layer whose weight moves by more than this fraction of its Frobenius norm is flagged. Measured
     # sizes of edits that keep the model intact (benchmarks/RESULTS.md): 0.33 on the reference case, 0.8–2.2 on
     # the small model; an ill-posed solve gives 10×+.
     max_rel_weight_change: float = 3.0
     # An edit that moves the z layer's output (at the subject's last token) less than this fraction of the way
-    # to the targets z is flagged ("target_not_reached").
+    # to the targets z is flagged ("target_not_reached"; one that moves it away: "moved_away_from_targets").
     min_gap_closed: float = 0.5
+    # A layer moved by more than hard_limit_multiple × max_rel_weight_change is refused even without strict
+    # (the weights put back, UnsafeEditError), unless allow_large_change. Measured (benchmarks/results/
+    # safety_issue26.md): edits on the trained small model move a layer by at most 2.6 × the limit (7.9 norms: the
+    # closed form on 50 facts; GD ≤ 1.7 ×); on random weights, edits that still close the gap by ≤ 7 × (21 norms),
+    # wrecking ones (mostly post-norm families, the z output moved away from the targets) by 11–2240 ×.
+    hard_limit_multiple: float = 10.0
+    allow_large_change: bool = False
+    # Any flag refuses the edit (weights put back, UnsafeEditError with .report); unlearn(..., strict=...) overrides.
+    strict: bool = False
 
     def validate(self) -> None:
         if not self.max_rel_weight_change > 0 or not self.min_gap_closed <= 1:
             raise ZuFastError("config.safety.max_rel_weight_change must be > 0 and min_gap_closed ≤ 1")
+        if isinstance(self.hard_limit_multiple, bool) or not isinstance(self.hard_limit_multiple, (int, float)) \
+                or not self.hard_limit_multiple >= 1:
+            raise ZuFastError(f"config.safety.hard_limit_multiple must be a number ≥ 1, got "
+                              f"{self.hard_limit_multiple!r}")
+        for name in ("strict", "allow_large_change"):
+            if not isinstance(getattr(self, name), bool):
+                raise ZuFastError(f"config.safety.{name} must be true or false, got {getattr(self, name)!r}")
 
 
 @dataclass

@@ -1,10 +1,14 @@
 """The file format of a saved edit: ``factors.safetensors`` + ``edit.json`` in one folder. No pickle.
 
 ``edit.json`` holds the config, module names, dtype and shape of each edited weight, fingerprints of each
-edited weight before and after, a SHA-256 of each factor and the report. Writes go through
-``zu_fast.atomic.write_folder`` (a new folder appears whole; a non-empty one is refused unless
-``overwrite``, which replaces only these two files). Reads check everything and raise ZuFastError naming
-the file and what is wrong.
+edited weight before and after, a SHA-256 of each factor, the size and SHA-256 of ``factors.safetensors``
+as written (``zu_fast_files``) and the report. Writes go through ``zu_fast.atomic.write_folder`` (a new
+folder appears whole, fsynced before the rename; a non-empty one is refused unless ``overwrite``, which
+replaces only these two files; a full disk is a ZuFastError naming the folder and the bytes needed, with
+nothing partial left). Reads check everything and raise ZuFastError naming the file and what is wrong: a
+file of another size than recorded (cut short by a crash or a full disk) before it is parsed, then the
+write id, then each factor's SHA-256 (which covers every byte of the factors; the file's own digest is not
+read again).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, TypeVar
 import torch
 
 from .._version import __version__
-from ..atomic import WRITE_ID, read_json, read_tensors, write_folder
+from ..atomic import FILES_KEY, WRITE_ID, read_json, read_tensors, write_folder
 from ..config import UnlearnConfig
 from ..errors import ZuFastError
 from .record import EditRecord, EditReport
@@ -109,7 +113,10 @@ def load_edit(path: str | os.PathLike, cls: type[R]) -> R:
     except ZuFastError as e:
         raise ZuFastError(f"{jpath}: its config is not valid here ({e})") from None
     edit = cls(config, kind)
-    tensors = read_tensors(path / "factors.safetensors", meta.get(WRITE_ID))
+    files = meta.get(FILES_KEY) if isinstance(meta.get(FILES_KEY), dict) else {}
+    recorded = files.get("factors.safetensors")
+    tensors = read_tensors(path / "factors.safetensors", meta.get(WRITE_ID),
+                           recorded=recorded if isinstance(recorded, dict) else None)
     name = edit.factor_name
     fpath = path / "factors.safetensors"
     for layer in layers:

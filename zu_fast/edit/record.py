@@ -45,7 +45,8 @@ class EditReport:
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory_bytes: dict[str, int] = field(default_factory=dict)
     # Problems found while editing (each also raised as a warning): {"kind", "message", numbers...};
-    # kinds: "target_not_converged", "target_not_reached", "large_weight_change".
+    # kinds: "target_not_converged", "target_not_reached", "moved_away_from_targets", "large_weight_change",
+    # "non_finite_output", "nothing_edited" (zu_fast.method.safety: which of them refuse the edit, and strict).
     flags: list[dict[str, Any]] = field(default_factory=list)
 
     def flag(self, kind: str, message: str, **numbers: Any) -> None:

@@ -295,26 +295,54 @@ def plot_results(aggs: list[dict[str, Any]], order: list[str], path: Path) -> Pa
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
     width = 0.8 / max(1, len(ns))
     for ax, (key, title, log) in zip(axes, panels):
+        drawn = 0
         for j, n in enumerate(ns):
             xs, ys, es = [], [], []
             for i, m in enumerate(methods):
                 a = next((a for a in aggs if a["method"] == m and a["n"] == n), None)
                 if a is None or (key == "seconds" and m == "base"):
                     continue
+                y = float(a.get(key, math.nan))
+                if not math.isfinite(y) or (log and y <= 0):  # no value (e.g. no perplexity text), or not on a log axis
+                    continue
                 xs.append(i + (j - (len(ns) - 1) / 2) * width)
-                ys.append(a[key])
-                es.append(a[key + "_std"])
-            ax.bar(xs, ys, width, yerr=es, label=f"n={n}", capsize=2)
+                ys.append(y)
+                std = float(a.get(key + "_std", 0.0))
+                es.append(std if math.isfinite(std) else 0.0)
+            if xs:
+                ax.bar(xs, ys, width, yerr=es, label=f"n={n}", capsize=2)
+                drawn += len(xs)
         ax.set_xticks(range(len(methods)))
         ax.set_xticklabels(methods, rotation=45, ha="right")
         ax.set_title(title)
-        if log:
+        if not drawn:
+            ax.text(0.5, 0.5, "no values", ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif log:
             ax.set_yscale("log")
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def draw_plot(plot, *args: Any) -> Path | None:
+    """Call a plot function; a plot that cannot be drawn never loses a run: it is skipped with one line on stderr
+    (the table and the JSON are written before any plot)."""
+    path = Path(args[-1])
+    try:
+        return plot(*args)
+    except Exception as e:  # noqa: BLE001  (matplotlib raises many kinds; the results are already on disk)
+        print(f"zu-fast eval: {path.name} not drawn ({type(e).__name__}: {' '.join(str(e).split())[:200]}); the "
+              f"tables and JSON beside it are complete", file=sys.stderr, flush=True)
+        try:
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+        except ImportError:
+            pass
+        return None
 
 
 def plot_sweep(aggs: list[dict[str, Any]], path: Path) -> Path | None:
@@ -379,8 +407,8 @@ def _write(out: Path, args, runner: _Runner, methods: list[str], ns: list[int], 
                                                   "n": ns, "seeds": seeds, "skipped_n": skipped,
                                                   "aggregates": aggs, "runs": rows}, indent=2, default=str))
     if final and not args.no_plot:
-        (plot_sweep if args.sweep else plot_results)(*((aggs,) if args.sweep else (aggs, methods)),
-                                                     out / f"{stem}.png")
+        draw_plot(plot_sweep if args.sweep else plot_results, *((aggs,) if args.sweep else (aggs, methods)),
+                  out / f"{stem}.png")
     if runner.probes:  # issue 18: the robustness table beside the quality table
         from zu_fast.eval import probes
 
@@ -417,9 +445,108 @@ def merge_runs(json_paths: Sequence[str | Path], out: str | Path, *, plot: bool 
     return write_robustness(out, rows, methods, header=" ".join(headers), plot=plot)
 
 
+def _file(path: str | None, flag: str) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise ZuFastError(f"{flag} {path!r}: no such file")
+    if not p.is_file():
+        raise ZuFastError(f"{flag} {path!r} is a folder; give a file")
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[list[int], list[int] | None]:
+    """Every path and value of a ``zu-fast eval`` command line, checked before any folder is created and any
+    model is loaded or trained (issue 26): ZuFastError naming the first bad one. Returns (seeds, ns; ns None
+    when they depend on the small model's world: --sweep without --n)."""
+    from zu_fast.config import UnlearnConfig
+
+    if args.methods is not None:
+        _methods(args.methods)
+    seeds = _ints(args.seeds, "--seeds", least=0)
+    ns = _ints(args.n or DEFAULT_N) if args.n is not None or not args.sweep else None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ZuFastError(f"--out {args.out!r} is a file; give a folder")
+    for flag, value, least in (("--threads", args.threads, 1), ("--gd-steps", args.gd_steps, 0),
+                               ("--baseline-epochs", args.baseline_epochs, 1), ("--gen-len", args.gen_len, 1),
+                               ("--batch-size", args.batch_size, 1)):
+        if value is not None and value < least:
+            raise ZuFastError(f"{flag} {value}: expected an integer ≥ {least}")
+    if args.baseline_lr is not None and not args.baseline_lr > 0:
+        raise ZuFastError(f"--baseline-lr {args.baseline_lr}: expected a positive number")
+    if args.probes:
+        from zu_fast.eval import probes
+
+        probes.parse_probes(args.probes)
+    if args.tinylm:
+        try:
+            tinylm_config(args.tinylm)
+        except (json.JSONDecodeError, TypeError, ValueError) as e:
+            raise ZuFastError(f"--tinylm {args.tinylm!r}: not valid TinyLMConfig overrides ({e})") from None
+    for p in args.merge or []:
+        _file(p, "--merge")
+    _file(args.config, "--config")
+    if args.config:
+        import warnings
+
+        with warnings.catch_warnings():  # (said once, when the run reads it)
+            warnings.simplefilter("ignore")
+            UnlearnConfig.from_json(args.config)
+    if args.preset and args.preset.lower() not in {p.lower() for p in UnlearnConfig.presets()}:
+        raise ZuFastError(f"--preset {args.preset!r}: no such preset; shipped presets: {UnlearnConfig.presets()}")
+    if not args.dataset:
+        for flag in ("model", "corpus", "ppl_text", "snippets", "tfidf", "kind", "config", "preset"):
+            if getattr(args, flag, None):
+                raise ZuFastError(f"--{flag.replace('_', '-')} is an option of the dataset mode: give --dataset FILE "
+                                  "too (without it zu-fast eval runs the small model's synthetic world)")
+        return seeds, ns
+    from zu_fast.eval import datasets
+    from zu_fast.stats.corpus import read_corpus
+
+    _file(args.dataset, "--dataset")
+    raw = datasets.read_json_records(args.dataset)
+    kind = args.kind
+    if kind is None:
+        try:
+            kind = datasets.detect_kind(raw[0])
+        except ZuFastError as e:
+            raise ZuFastError(f"{args.dataset}: record 0: {e}") from None
+    if args.model:
+        p = Path(args.model)
+        if args.corpus is None:
+            raise ZuFastError("--model needs --corpus (the statistics corpus, e.g. a Wikipedia text dump)")
+        if not p.is_dir():
+            raise ZuFastError(f"--model {args.model}: not a folder with a HuggingFace model"
+                              + ("" if p.exists() else " (it does not exist)"))
+        if not (p / "config.json").exists():
+            raise ZuFastError(f"--model {args.model}: not a HuggingFace model folder (no config.json)")
+    if args.corpus is not None:
+        if not Path(args.corpus).is_file():
+            read_corpus(args.corpus)  # the error naming it
+    _file(args.ppl_text, "--ppl-text")
+    _file(args.snippets, "--snippets")
+    if args.tfidf:
+        missing = [f for f in ("idf.npy", "tfidf_vocab.json") if not (Path(args.tfidf) / f).is_file()]
+        if missing:
+            raise ZuFastError(f"--tfidf {args.tfidf!r}: not a folder with the reference's {' and '.join(missing)}")
+    if args.device:
+        try:
+            torch.device(args.device)
+        except (RuntimeError, ValueError) as e:
+            raise ZuFastError(f"--device {args.device!r}: {e}") from None
+    forget = len(raw) - len(raw) // 2
+    too_many = [n for n in ns or [] if n > forget]
+    if too_many:
+        raise ZuFastError(f"--n {','.join(map(str, too_many))}: {args.dataset} holds {len(raw)} records, and forget "
+                          f"records are drawn from its second half ({forget}, the reference's forget split)")
+    return seeds, ns
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``zu-fast eval`` (argv without the sub-command). Returns the exit status."""
     args = build_parser().parse_args(argv)
+    check_inputs(args)  # every path and value, before any folder or model
     if args.merge:
         print(merge_runs(args.merge, args.out, plot=not args.no_plot))
         return 0
@@ -754,7 +881,7 @@ def _dataset_write(out: Path, args, runner: _DatasetRunner, methods: list[str], 
                                                   "n": ns, "seeds": seeds, "aggregates": aggs, "runs": rows},
                                                  indent=1, default=str))
     if final and not args.no_plot:
-        plot_results(aggs, methods, out / "results.png")
+        draw_plot(plot_results, aggs, methods, out / "results.png")
     return table, failures
 
 

@@ -23,6 +23,8 @@ from .closed_form import multiplier, narrow_multiplier
 from .components import ComponentProblem, DenseLayers, LayerStrategy
 from .moe import MoELayers
 from .projector import representation_basis
+from .safety import check_gap as _safety_check_gap
+from .safety import check_residual_stream, check_weight_change, enforce_strict
 from .targets import optimize_deltas, retry_unreached
 from .templates import context_templates as make_context_templates
 
@@ -115,6 +117,8 @@ def _check_gap(report, z: torch.Tensor, h0: torch.Tensor, after: torch.Tensor, c
     gap1 = (z - after).norm(dim=1)  # [N] how far it is after the edit
     closed = float(1.0 - gap1.sum() / gap0.sum().clamp_min(1e-30))
     report.targets["z_gap_closed"] = closed
+    if _safety_check_gap(report, z, h0, after, closed):  # moved away from z, or NaN/Inf: said as what it is
+        return
     if closed >= cfg.safety.min_gap_closed:
         return
     lev = [row["leverage_mean"] for row in report.layers.values() if "leverage_mean" in row]
@@ -145,12 +149,7 @@ def _apply_and_record(edit: Edit, report, clock: _Clock, key: int, target: Any, 
                                 if before is not None else _rel_change_bound(edit, key, w_norm))
     row.update({k: float(v) for k, v in info.items()})
     report.layers[key] = row
-    if row["rel_weight_change"] > cfg.safety.max_rel_weight_change:
-        report.flag("large_weight_change",
-              f"{where}: the edit moved {target.name} by {row['rel_weight_change']:.3g} of its norm "
-              f"(limit max_rel_weight_change={cfg.safety.max_rel_weight_change:g}); check the requests and the "
-              "statistics, or restore() the edit",
-              layer=key, rel_weight_change=row["rel_weight_change"], limit=cfg.safety.max_rel_weight_change)
+    check_weight_change(report, key, row, target.name, cfg, where)  # flags; beyond the hard limit: refused
 
 
 def _rel_change_bound(edit: Edit, layer: int, w_norm: float) -> float:
@@ -206,6 +205,7 @@ def _check_before_work(model: torch.nn.Module, tok, reqs: Sequence[UnlearnReques
         raise ZuFastError(f"the model's weights contain NaN/Inf: {', '.join(bad[:3])}{more}; the model is broken "
                           "(a failed load or an overflowed fine-tune?); nothing was changed")
     check_lengths(list(reqs), tok, max_positions(model), reserve=cfg.templates.length + 4)
+    check_residual_stream(model, tok, reqs[0].text, cfg, edit_targets(model, cfg.layers, cfg.locate))
 
 
 @contextlib.contextmanager
@@ -252,6 +252,7 @@ def unlearn(
     stats: CorpusStats | None = None,
     corpus: Any = None,
     context_templates: list[list[str]] | None = None,
+    strict: bool | None = None,
 ) -> Edit:
     """Make ``model`` forget ``requests`` in place; returns the Edit (restore/save/report).
 
@@ -260,6 +261,9 @@ def unlearn(
     a model fingerprint must be of this model, or of the model before the zu_fast edits on it
     (sequential unlearning; ``zu_fast.stats.store.check_stats_for_model``); hand-built ones are trusted.
     On any error the model's weights are left exactly as they were; bad input is refused before any work.
+    ``strict`` (default ``config.safety.strict``): any flag in ``edit.report.flags`` puts the weights back and
+    raises ``UnsafeEditError`` carrying the report; an edit beyond the hard limit is refused even without it
+    (``zu_fast.method.safety``).
     The steps are those of ``docs/algorithm.md``; dense layers and mixture-of-experts blocks differ only in
     how a layer is read and split into component problems (``method/components.py``, ``method/moe.py``).
     """
@@ -323,4 +327,5 @@ def unlearn(
         raise
     report.timings = {k: round(v, 4) for k, v in clock.timings.items()}
     report.peak_memory_bytes = clock.peak()
+    enforce_strict(edit, cfg.safety.strict if strict is None else bool(strict))
     return edit

@@ -260,8 +260,8 @@ def is_fused_experts(module: nn.Module) -> bool:
 
 
 # Names of a dense MLP's output projection inside an MLP module (Llama/Mistral/Qwen/Gemma/DeepSeek
-# down_proj, GPT-2 c_proj, GPT-J fc_out, NeoX/Falcon dense_4h_to_h, OPT/Phi fc2, Mixtral-v0 w2).
-_MLP_OUTPUTS = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2")
+# down_proj, GPT-2 c_proj, GPT-J fc_out, NeoX/Falcon dense_4h_to_h, OPT/Phi fc2, Mixtral-v0 w2, ModernBERT Wo).
+_MLP_OUTPUTS = ("down_proj", "c_proj", "fc_out", "dense_4h_to_h", "fc2", "w2", "Wo")
 _SHARED_EXPERTS = ("shared_expert", "shared_experts", "shared_mlp")
 
 
@@ -443,16 +443,25 @@ def resolve_names(model: nn.Module, n_layers: int | None = None) -> dict[str, An
     name = module_name(model, head)
     if name:
         out["lm_head_module"] = name
-    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-             and (n_layers is None or len(m) == n_layers)]
+    every = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    # the config's depth picks the decoder's list; when no list has it (the decoder of an encoder-decoder family,
+    # whose num_hidden_layers is the encoder's: Blenderbot), every list is a candidate
+    outer = [(n, m) for n, m in every if not any(n.startswith(o + ".") for o, _ in every)]  # not inside a layer
+    lists = [(n, m) for n, m in every if n_layers is None or len(m) == n_layers] or outer
 
     def rank(item: tuple[str, nn.Module]) -> tuple[int, int]:
         n, m = item
-        avoid = any(w in n for w in ("vision", "visual", "encoder", "audio", "expert"))
+        avoid = any(w in n for w in ("encoder", "expert"))
         return (1 if avoid else 0, -len(m))
 
-    for lname, layers in sorted(lists, key=rank):
-        rel = _mlp_output_in(layers[0])
+    # a vision or audio tower's layers are never the language model's, even when nothing else is recognised
+    towers = ("vision", "visual", "image", "audio", "speech")
+    for lname, layers in sorted([x for x in lists if not any(w in x[0] for w in towers)], key=rank):
+        # every layer, not only the first: a MoE model whose first layers are dense (DeepSeek, GLM-4.5, ...) is
+        # edited through the MoE block's name, which resolves to the MLP output projection on its dense layers
+        rels = [_mlp_output_in(layer) for layer in layers]
+        moe = [r for r, layer in zip(rels, layers) if r is not None and _is_moe_block(layer, r)]
+        rel = moe[0] if moe else rels[0]
         if rel is not None:
             out["layer_module_tmp"] = lname + ".{}"
             out["rewrite_module_tmp"] = lname + ".{}." + rel
@@ -468,9 +477,14 @@ def resolve_names(model: nn.Module, n_layers: int | None = None) -> dict[str, An
     return out
 
 
+def _is_moe_block(layer: nn.Module, rel: str) -> bool:
+    mod = layer.get_submodule(rel) if rel else layer
+    return isinstance(getattr(mod, "experts", None), nn.Module) and is_fused_experts(mod.experts)
+
+
 def _mlp_output_in(layer: nn.Module) -> str | None:
     """The edited module inside one decoder layer, relative to it: a MoE block, else the MLP's output."""
-    for mlp_name in ("mlp", "block_sparse_moe", "feed_forward", "ffn", ""):
+    for mlp_name in ("mlp", "block_sparse_moe", "feed_forward", "ffn", "mlp_block", ""):
         mlp = getattr(layer, mlp_name, None) if mlp_name else layer
         if not isinstance(mlp, nn.Module):
             continue

@@ -2,13 +2,34 @@
 
 Hooks on every edited module feed ``ops.cov_accumulate`` with the module inputs (keys) and the
 attention mask (padding is never counted); the forward stops right after the deepest edited module.
+
+Caching (issue 26):
+
+- **The default cache** (``cache_root()/stats/<key>``, the key a hash of the model, corpus and settings
+  fingerprints) is shared by every process of the machine or cluster. An entry is written whole into a
+  temporary folder and renamed into place (``zu_fast.atomic``), so a reader sees a finished entry or none.
+  A process that finds a valid entry uses it. Processes that start together are serialised by a lock file
+  beside the entry (``zu_fast.stats.lock``: PID, host, heartbeat, and a stale-lock rule): one computes,
+  the others wait and then use its entry. An entry that cannot be read (truncated, size or SHA-256 not as
+  recorded at write, cut ``meta.json``, another format) is moved aside to ``<key>.corrupt-<time>-<id>``
+  (nothing is deleted) with a warning naming both folders, and recomputed; it is never used. A full disk
+  while writing the entry is a warning: the statistics are returned uncached. Temporary folders left by a
+  crashed write are removed by the next process that takes the entry's lock, once an hour old.
+- **A folder the user names** (``cache_path=``, command line ``--stats`` / ``--out``) is used when it holds
+  these statistics, refused (StaleStatsError) when it holds others, and refused with a ZuFastError saying what
+  to do when it is damaged: zu_fast does not replace a folder it was pointed at and cannot read (move it
+  away, or recompute into it with ``zu-fast stats --out DIR --overwrite``). A full disk is a ZuFastError
+  naming the folder and the bytes needed; the folder is left as it was.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
+import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import ops
-from ..atomic import check_target
+from ..atomic import DiskFullError, FolderAppearedError, check_target, move_aside
 from ..config import UnlearnConfig
 from ..config.keys import STATS_SETTINGS
 from ..errors import StaleStatsError, ZuFastError
@@ -29,8 +50,9 @@ from ..requests import max_positions
 from . import distributed as dist_stats
 from . import moe as moe_stats
 from .corpus import corpus_fingerprint, read_corpus
+from .lock import CacheLock
 from .moments import LayerStats, finalize, new_layer_stats
-from .store import cache_root, load_stats, model_info, save_stats, stats_key
+from .store import FILES, cache_root, load_stats, model_info, save_stats, stats_key
 
 
 @dataclass
@@ -40,6 +62,9 @@ class CorpusStats:
     layers: dict[int, LayerStats]
     meta: dict[str, Any] = field(default_factory=dict)
     path: str | None = None
+    # "computed" (this call ran the statistics pass) or "loaded" (from the cache or a statistics folder,
+    # possibly after waiting for another process that computed them); None when built by hand
+    origin: str | None = None
 
     def __getitem__(self, layer: int) -> LayerStats:
         try:
@@ -123,30 +148,158 @@ def collect_stats(
         "settings": _settings(cfg),
         "model_info": model_info(model, targets),  # not in the key: says what differs on a refusal
     }
-    path = cache_path or str(cache_root() / "stats" / stats_key(meta))
-    hit = cache and (path is not None) and _exists(path)
-    if distributed:  # rank 0 decides, so every rank takes the same branch (collectives must match)
-        hit = dist_stats.broadcast_flag(hit)
-    if cache and not hit and rank == 0:
-        check_target(path, what="statistics")  # a non-empty folder is refused now, not after the pass
-    if hit:
-        layers, full_meta = load_stats(path, expect=meta)
-        return CorpusStats({k: layers[k].to(t.device) for t in targets for k in moe_stats.stat_keys(t)}, full_meta,
-                           path)
 
+    def compute() -> dict[int, LayerStats]:
+        if distributed:
+            layers, info = _collect(model, tok, dist_stats.shard(texts, rank, world), cfg, targets,
+                                    progress and rank == 0,
+                                    budget=dist_stats.shard_budget(cfg.stats.token_budget, world), reduce=True)
+            info["world_size"] = world
+        else:
+            layers, info = _collect(model, tok, texts, cfg, targets, progress)
+        meta["collection"] = info
+        return layers
+
+    def loaded(path: Path, layers: dict[int, LayerStats], full_meta: dict) -> CorpusStats:
+        return CorpusStats({k: layers[k].to(t.device) for t in targets for k in moe_stats.stat_keys(t)}, full_meta,
+                           str(path), origin="loaded")
+
+    if not cache:
+        return CorpusStats(compute(), meta, None, origin="computed")
     if distributed:
-        layers, info = _collect(model, tok, dist_stats.shard(texts, rank, world), cfg, targets,
-                                progress and rank == 0, budget=dist_stats.shard_budget(cfg.stats.token_budget, world),
-                                reduce=True)
-        info["world_size"] = world
-    else:
-        layers, info = _collect(model, tok, texts, cfg, targets, progress)
-    meta["collection"] = info
-    if cache and rank == 0:
+        return _distributed(Path(cache_path or cache_root() / "stats" / stats_key(meta)), meta, rank, compute,
+                            loaded, default=cache_path is None)
+    if cache_path is not None:
+        return _user_folder(Path(cache_path), meta, compute, loaded)
+    return _default_entry(cache_root() / "stats" / stats_key(meta), meta, compute, loaded)
+
+
+def _user_folder(path: Path, meta: dict, compute, loaded) -> CorpusStats:
+    """``cache_path=``: use the statistics there, refuse others or a damaged folder, else compute and write them."""
+    fix = (f"zu_fast does not replace a statistics folder it cannot read: move {str(path)!r} away (or delete it) and "
+           f"run again, choose another folder, or recompute into it with zu-fast stats --out {path} --overwrite")
+    if (path / "meta.json").exists():
+        try:
+            return loaded(path, *load_stats(path, expect=meta))
+        except StaleStatsError:
+            raise
+        except ZuFastError as e:
+            raise ZuFastError(f"{e}. {fix}") from None
+    if path.is_dir() and any((path / f).exists() for f in FILES):
+        raise ZuFastError(f"{path} holds {', '.join(f for f in FILES if (path / f).exists())} but no meta.json: an "
+                          f"incomplete statistics folder (a write cut short?). {fix}")
+    check_target(path, what="statistics")  # a non-empty folder is refused now, not after the pass
+    layers = compute()
+    try:
         save_stats(path, layers, meta)
-    if distributed:
-        dist_stats.barrier()  # the others return once the cache is written (they keep their reduced copy)
-    return CorpusStats(layers, meta, path if cache else None)
+    except FolderAppearedError:  # another process wrote the same folder meanwhile: theirs, if it is ours too
+        return loaded(path, *load_stats(path, expect=meta))
+    return CorpusStats(layers, meta, str(path), origin="computed")
+
+
+def _try_entry(path: Path, meta: dict, loaded) -> tuple[CorpusStats | None, str | None]:
+    """(the entry at ``path`` if it is valid and matches, else None; why it cannot be used, if it is there)."""
+    if not (path / "meta.json").exists():
+        if path.is_dir() and any(path.iterdir()):
+            return None, "it has no meta.json (an incomplete entry)"
+        return None, None
+    try:
+        return loaded(path, *load_stats(path, expect=meta)), None
+    except ZuFastError as e:
+        return None, str(e)
+
+
+def _entry_signature(path: Path) -> tuple | None:
+    try:
+        st = (path / "meta.json").stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _say(msg: str) -> None:
+    print(f"zu_fast: {msg}", file=sys.stderr, flush=True)
+
+
+def _default_entry(path: Path, meta: dict, compute, loaded) -> CorpusStats:
+    """The default cache: use a valid entry, else compute it once across processes (see the module docstring)."""
+    got, _ = _try_entry(path, meta, loaded)
+    if got is not None:
+        return got
+    lock = CacheLock(path.with_name(path.name + ".lock"),
+                     on_wait=lambda c: _say(f"waiting for process {c.get('pid', '?')} on {c.get('host', '?')}, "
+                                            f"which is computing these statistics ({path})"),
+                     on_break=lambda c, why: _say(f"taking over the statistics of {path} from process "
+                                                  f"{c.get('pid', '?')} on {c.get('host', '?')}: {why}"))
+    known_bad = [_entry_signature(path)]  # an entry already there that cannot be used: not what we wait for
+    while not lock.acquire(until=lambda: _entry_signature(path) not in (None, known_bad[0])):
+        got, _ = _try_entry(path, meta, loaded)  # finished by the process we waited for
+        if got is not None:
+            return got
+        known_bad[0] = _entry_signature(path)
+    try:
+        got, why = _try_entry(path, meta, loaded)  # finished just before we took the lock
+        if got is not None:
+            return got
+        if why is not None:
+            moved = move_aside(path, "corrupt")
+            warnings.warn(f"zu_fast: the cached statistics in {path} cannot be used ({why}); moved them aside to "
+                          f"{moved} (nothing is deleted) and computing them again", stacklevel=3)
+        elif path.is_dir():
+            path.rmdir()  # an empty folder (ours: named by the cache key)
+        _remove_dead_temporaries(path)
+        layers = compute()
+        try:
+            save_stats(path, layers, meta, new_only=True)
+        except FolderAppearedError:  # written meanwhile by a process that judged our lock stale
+            got, _ = _try_entry(path, meta, loaded)
+            if got is not None:
+                return got
+            raise
+        except DiskFullError as e:
+            warnings.warn(f"zu_fast: the statistics were not cached: {e}; they are used for this run only",
+                          stacklevel=3)
+            return CorpusStats(layers, meta, None, origin="computed")
+        return CorpusStats(layers, meta, str(path), origin="computed")
+    finally:
+        lock.release()
+
+
+def _remove_dead_temporaries(path: Path, age_s: float = 3600.0) -> None:
+    """Remove the temporary folders of crashed writes of this entry (``.<key>.zu_fast-tmp-*``, ours), once they
+    are older than ``age_s``: the caller holds the entry's lock, so no live process writes them."""
+    now = time.time()
+    for tmp in path.parent.glob(f".{path.name}.zu_fast-tmp-*"):
+        try:
+            if tmp.is_dir() and now - tmp.stat().st_mtime > age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _distributed(path: Path, meta: dict, rank: int, compute, loaded, *, default: bool) -> CorpusStats:
+    """``distributed=True``: rank 0 decides whether the entry is there, every rank computes its shard if not,
+    rank 0 writes it. (No lock: the ranks of one job compute together; a concurrent job's entry is used.)"""
+    hit = dist_stats.broadcast_flag((path / "meta.json").exists())  # every rank takes the same branch
+    if hit:
+        return loaded(path, *load_stats(path, expect=meta))
+    if rank == 0 and not default:
+        check_target(path, what="statistics")  # a non-empty folder is refused now, not after the pass
+    layers = compute()
+    out = str(path)
+    if rank == 0:
+        try:
+            save_stats(path, layers, meta, new_only=default)
+        except FolderAppearedError:
+            pass  # an identical entry written by another job
+        except DiskFullError as e:
+            if not default:
+                raise
+            warnings.warn(f"zu_fast: the statistics were not cached: {e}; they are used for this run only",
+                          stacklevel=3)
+            out = None
+    dist_stats.barrier()  # the others return once the cache is written (they keep their reduced copy)
+    return CorpusStats(layers, meta, out, origin="computed")
 
 
 def _load_from_path(path, tok, config: UnlearnConfig | None, device):
@@ -164,10 +317,6 @@ def _load_from_path(path, tok, config: UnlearnConfig | None, device):
     if tok is None:
         tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tok, cfg
-
-
-def _exists(path: str) -> bool:
-    return (Path(path) / "meta.json").exists()
 
 
 @torch.no_grad()
@@ -301,7 +450,8 @@ class _Sketches:
         for layer in self.acc:
             final = self._sketch(layer)
             prev = snap.get(layer)
-            rel = math.nan if prev is None else float((final - prev).norm() / final.norm().clamp_min(1e-300))
+            # None: one snapshot only (the corpus fit in one batch), nothing to compare with
+            rel = None if prev is None else float((final - prev).norm() / final.norm().clamp_min(1e-300))
             out[str(layer)] = {"rel_change": rel, "over_tokens": tokens - snap_tokens, "tokens": tokens}
         return out
 
@@ -315,8 +465,12 @@ def describe(stats: CorpusStats) -> str:
                     f"({coll.get('backend')} backend)")
     for layer, st in sorted(stats.layers.items()):
         conv = st.info.get("convergence") or {}
-        rows.append(f"  layer {layer}: d_in {st.d_in}, n {st.n}, rel. change over last "
-                    f"{conv.get('over_tokens', '?')} tokens: {conv.get('rel_change', float('nan')):.2e}")
+        rel = conv.get("rel_change")
+        if isinstance(rel, (int, float)) and math.isfinite(rel):
+            change = f"rel. change over last {conv.get('over_tokens', '?')} tokens: {rel:.2e}"
+        else:  # one batch (or an old cache entry without the number): there is no earlier state to compare with
+            change = "convergence not measured (the corpus fit in one batch: give more text to measure it)"
+        rows.append(f"  layer {layer}: d_in {st.d_in}, n {st.n}, {change}")
     return "\n".join(rows)
 
 

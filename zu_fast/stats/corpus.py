@@ -26,11 +26,18 @@ def read_corpus(corpus: Any, limit: int | None = None) -> list[str]:
         if path.is_dir():
             raise ZuFastError(f"corpus {str(path)!r} is a folder; give a .txt or .jsonl file")
         texts = []
-        i = 0
-        try:
-            with path.open(encoding="utf-8") as f:
-                for i, line in enumerate(f):
-                    line = line.rstrip("\n")
+        # read as bytes and decode line by line: a bad byte is reported on its own line (text mode decodes ahead
+        # of the lines it hands out, so its error can only say "somewhere after line i")
+        with path.open("rb") as f:
+            for i, raw in enumerate(f):
+                try:
+                    decoded = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ZuFastError(f"{path}:{i + 1}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                      f"{len(raw[:e.start].decode('utf-8', 'replace')) + 1}: {e.reason}); is it a "
+                                      "binary file, or another encoding?") from None
+                # the lines text mode would give (universal newlines: \r\n and a lone \r end a line too)
+                for line in decoded.replace("\r\n", "\n").replace("\r", "\n").split("\n")[:-1] or [decoded]:
                     if not line.strip():
                         continue
                     if path.suffix == ".jsonl":
@@ -39,10 +46,7 @@ def read_corpus(corpus: Any, limit: int | None = None) -> list[str]:
                             continue
                     texts.append(line)
                     if limit is not None and len(texts) >= limit:
-                        break
-        except UnicodeDecodeError as e:
-            # (decoding runs ahead of the lines handed out: the bad byte lies somewhere after line i + 1)
-            raise ZuFastError(f"{path}: not UTF-8 text after line {i + 1} ({e.reason})") from None
+                        return texts
         return texts
     if hasattr(corpus, "column_names") and hasattr(corpus, "select"):  # datasets.Dataset
         if "text" not in corpus.column_names:

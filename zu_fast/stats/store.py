@@ -1,11 +1,14 @@
 """On-disk statistics cache: safetensors + JSON metadata, fingerprints, safe writes.
 
 A cache entry is a folder with ``stats.safetensors`` (per layer: kk, ks [, vk, vs]) and
-``meta.json`` (format version, model/corpus/settings fingerprints, token counts, and a description
-of the model — dtype, class, name — used only to say what differs). Loading checks the fingerprints:
-a stale or foreign cache is refused with StaleStatsError saying what differs, never used; a
-corrupted one raises ZuFastError naming the file. Writing never deletes a folder zu_fast did not
-write (``zu_fast.atomic``).
+``meta.json`` (format version, model/corpus/settings fingerprints, token counts, a description
+of the model — dtype, class, name — used only to say what differs, and the size and SHA-256 of
+``stats.safetensors`` as written). Loading checks the fingerprints: a stale or foreign cache is
+refused with StaleStatsError saying what differs, never used; a corrupted or truncated one (size or
+SHA-256 not as recorded, unreadable JSON) raises ZuFastError naming the file. Writing never deletes a
+folder zu_fast did not write (``zu_fast.atomic``). What ``collect_stats`` does with a bad entry
+(moved aside and recomputed in the default cache, refused for a folder the user named) is described
+in ``zu_fast.stats.collect``.
 
 Statistics passed to ``unlearn(stats=...)`` by hand are checked by :func:`check_stats_for_model`:
 - with ``meta["model_fingerprint"]`` (everything ``collect_stats`` returns or loads): they must
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import WRITE_ID, read_json, read_tensors, write_folder
+from ..atomic import FILES_KEY, WRITE_ID, read_json, read_tensors, write_folder
 from ..errors import StaleStatsError, ZuFastError
 from ..model import edit_targets
 from ..provenance import stack_base_fingerprint, stats_model_fingerprint
@@ -64,9 +67,10 @@ def model_info(model: torch.nn.Module, targets: list | None = None) -> dict[str,
 
 
 def save_stats(path: str | Path, layers: dict[int, LayerStats], meta: dict[str, Any], *,
-               overwrite: bool = False) -> Path:
+               overwrite: bool = False, new_only: bool = False) -> Path:
     """Write a cache entry safely (``zu_fast.atomic.write_folder``: a new folder appears whole; a
-    non-empty folder is refused unless ``overwrite``, which replaces only the two statistics files)."""
+    non-empty folder is refused unless ``overwrite``, which replaces only the two statistics files;
+    ``new_only``: an entry published meanwhile by another process raises ``FolderAppearedError``)."""
     tensors = {}
     for layer, st in layers.items():
         tensors[f"{layer}.kk"], tensors[f"{layer}.ks"] = st.kk, st.ks
@@ -78,7 +82,7 @@ def save_stats(path: str | Path, layers: dict[int, LayerStats], meta: dict[str, 
         "layers": {str(layer): {"n": st.n, **st.info} for layer, st in layers.items()},
     }
     return write_folder(path, "stats.safetensors", tensors, {"meta.json": full_meta}, overwrite=overwrite,
-                        what="statistics")
+                        what="statistics", new_only=new_only)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -136,8 +140,10 @@ def load_stats(
     layer_meta = meta.get("layers")
     if not isinstance(layer_meta, dict) or not layer_meta:
         raise ZuFastError(f"{path / 'meta.json'}: corrupted, no 'layers' entry")
+    recorded = (meta.get(FILES_KEY) or {}).get("stats.safetensors") if isinstance(meta.get(FILES_KEY), dict) else None
     tensors = read_tensors(path / "stats.safetensors", meta.get(WRITE_ID),
-                           device=str(device) if device is not None else "cpu")
+                           device=str(device) if device is not None else "cpu",
+                           recorded=recorded if isinstance(recorded, dict) else None, verify_sha256=True)
     layers = {}
     for layer_s, info in layer_meta.items():
         try:
