@@ -172,3 +172,12 @@ def test_paper_presets_keep_the_reference_weights_and_single_target_run(name):
                 UnlearnConfig.preset(name + "-gd")):
         assert cfg.closed_form.forget_leverage is None and cfg.targets.retry_clamp is None
     assert UnlearnConfig.preset(name).closed_form.forget_weight_k == 50.0
+
+
+def test_overrides_win_over_the_preset_flat_or_as_sections():
+    """A preset's flat keys never override what the caller gives as a section (or flat)."""
+    cfg = UnlearnConfig.preset("zu-tiny", closed_form={"forget_leverage": 0.9}, targets={"steps": 7}, v_lr=0.3)
+    assert cfg.closed_form.forget_leverage == 0.9 and cfg.targets.steps == 7 and cfg.targets.lr == 0.3
+    assert cfg.gd.null_energy == 0.01 and cfg.layers == [1, 2, 3]  # the rest of the preset stays
+    cfg = UnlearnConfig.for_model(_mcfg("llama", 12), gd={"null_energy": 0.05}, forget_leverage=0.6)
+    assert cfg.gd.null_energy == 0.05 and cfg.closed_form.forget_leverage == 0.6

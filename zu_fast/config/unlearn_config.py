@@ -62,15 +62,19 @@ class UnlearnConfig:
 
     def __init__(self, layers: list[int] | None = None, method: str = "closed_form", neutral_target: str | None = None,
                  **sections_and_flat: Any) -> None:
-        self.layers = [19, 20, 21] if layers is None else layers
-        self.method = method
-        self.neutral_target = neutral_target
-        for name, cls in SECTIONS.items():
-            setattr(self, name, cls())
+        self._reset()
+        self._set({"layers": [19, 20, 21] if layers is None else layers, "method": method,
+                   "neutral_target": neutral_target})
         self._set(sections_and_flat)
         self.validate()
 
     # ----------------------------------------------------------------------------------
+    def _reset(self) -> None:
+        """Every field at its default (the reference's values)."""
+        self.layers, self.method, self.neutral_target = [19, 20, 21], "closed_form", None
+        for name, cls in SECTIONS.items():
+            setattr(self, name, cls())
+
     def _set(self, changes: Mapping[str, Any]) -> None:
         """Apply sections (instances or dicts of their fields) first, then flat keys (``keys.FLAT``)."""
         flat = {}
@@ -242,7 +246,7 @@ class UnlearnConfig:
             # GD only: a retried target lies farther out, and the closed form's d×d multiplier spreads the larger
             # edit onto other inputs (small model, 16 seeds: specificity 85 → 80; RESULTS.md)
             fields_.pop("target_retry_clamp", None)
-        cfg = cls(**{**fields_, **overrides})
+        cfg = cls._layered(fields_, overrides)
         if module is not None:
             _presets.check_on_model(module, cfg)
         else:
@@ -258,7 +262,18 @@ class UnlearnConfig:
         ``"llama-3.1-8b-instruct"``, ``"llama-3.2-3b-instruct"`` and ``"qwen3-4b"`` are the paper's hparams
         files exactly (``...-gd`` for ZeroUnlearn-GD); others follow the paper's layer rule.
         """
-        return cls(**{**_presets.load_preset(name)["config"], **overrides})
+        return cls._layered(_presets.load_preset(name)["config"], overrides)
+
+    @classmethod
+    def _layered(cls, preset: Mapping[str, Any], overrides: Mapping[str, Any]) -> UnlearnConfig:
+        """The preset's fields, then the caller's on top: an override wins whether it is written flat or as a
+        section (a section dict merges into the preset's section), validated once at the end."""
+        cfg = cls.__new__(cls)
+        cfg._reset()
+        cfg._set(preset)
+        cfg._set(overrides)
+        cfg.validate()
+        return cfg
 
     @staticmethod
     def presets() -> dict[str, str]:
