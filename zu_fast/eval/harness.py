@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW learning rate of GA / NPO / FT (default: BaselineHParams.lr)")
     p.add_argument("--baseline-epochs", type=int, default=None,
                    help="passes over the forget set for GA / NPO / FT (default: BaselineHParams.epochs)")
-    p.add_argument("--world", default="people", choices=["people", "species"],
+    from zu_fast.eval.worlds import WORLDS
+
+    p.add_argument("--world", default="people", choices=sorted(WORLDS),
                    help="the synthetic world and its small model (zu_fast.eval.worlds): people (default; every "
                         "default was tuned here) or species (for checking only: another generator, an untagged "
                         "8-layer model that gets the generic for_model defaults; docs/second-world.md)")
