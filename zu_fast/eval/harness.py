@@ -107,8 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW learning rate of GA / NPO / FT (default: BaselineHParams.lr)")
     p.add_argument("--baseline-epochs", type=int, default=None,
                    help="passes over the forget set for GA / NPO / FT (default: BaselineHParams.epochs)")
+    from zu_fast.eval.worlds import WORLDS
+
+    p.add_argument("--world", default="people", choices=sorted(WORLDS),
+                   help="the synthetic world and its small model (zu_fast.eval.worlds): people (default; every "
+                        "default was tuned here) or species (for checking only: another generator, an untagged "
+                        "8-layer model that gets the generic for_model defaults; docs/second-world.md)")
     p.add_argument("--tinylm", default=None, metavar="JSON",
-                   help="TinyLMConfig overrides for the small model as JSON, e.g. "
+                   help="TinyLMConfig overrides for the --world's small model as JSON, e.g. "
                         '\'{"steps": 500, "world": {"n_people": 120}}\' (default: the default small model)')
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true")
@@ -125,16 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- running ------
 
 
-def tinylm_config(spec: str | None):
-    """A TinyLMConfig from a JSON string of overrides (``world`` nested), or None for the default."""
-    if not spec:
+def tinylm_config(spec: str | None, world: str = "people"):
+    """The named world's TinyLMConfig with a JSON string of overrides (``world`` nested) applied, or None
+    for the default small model (the people world, no overrides)."""
+    if not spec and world == "people":
         return None
-    from zu_fast.eval.synthetic import WorldConfig
-    from zu_fast.eval.tinylm import TinyLMConfig
+    from zu_fast.eval import worlds
 
-    kw = json.loads(spec)
-    world = kw.pop("world", None)
-    return TinyLMConfig(world=WorldConfig(**(world or {})), **kw)
+    return worlds.tinylm_config(world, json.loads(spec) if spec else None)
 
 
 class _Runner:
@@ -146,7 +150,7 @@ class _Runner:
 
         self.log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         t0 = time.perf_counter()
-        self.tinylm_config = tinylm_config(args.tinylm)
+        self.tinylm_config = tinylm_config(args.tinylm, args.world)
         if self.tinylm_config is None:
             self.model, self.tok, self.world = tinylm.load_or_train(progress=not args.quiet)
         else:
@@ -169,6 +173,7 @@ class _Runner:
         self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
         self.meta = {
             "model": "tinylm " + str(getattr(tinylm, "CODE_VERSION", "")),
+            "world": args.world,
             "model_params": sum(p.numel() for p in self.model.parameters()),
             "layers": list(self.cfg.layers),
             "stats_tokens": self.stats[self.cfg.layers[0]].n,
@@ -389,7 +394,8 @@ def _write(out: Path, args, runner: _Runner, methods: list[str], ns: list[int], 
     table = markdown_table(aggs, methods)
     env = _environment()
     header = [f"# zu-fast eval ({'sample-size sweep' if args.sweep else 'method comparison'})", "",
-              f"Small model: {runner.meta['model_params']:,} parameters, edited layers {runner.meta['layers']}, "
+              f"World: {runner.meta['world']}. Small model: {runner.meta['model_params']:,} parameters, edited "
+              f"layers {runner.meta['layers']}, "
               f"statistics over {runner.meta['stats_tokens']:,} tokens. Device: {env['device']} "
               f"({env['cpu']}, {env['threads']} threads), torch {env['torch']}. Seeds {seeds}; mean ± std over "
               "seeds. Eff/Gen/Spe: % of prompts whose answer is still the teacher-forced argmax; time = wall "
@@ -727,7 +733,7 @@ class _DatasetRunner:
         else:
             from zu_fast.eval import tinylm
 
-            cfg_tiny = tinylm_config(args.tinylm)
+            cfg_tiny = tinylm_config(args.tinylm, args.world)
             if cfg_tiny is None:
                 self.model, self.tok, world = tinylm.load_or_train(progress=not args.quiet)
             else:

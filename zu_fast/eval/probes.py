@@ -661,8 +661,6 @@ def run_probes(
     ``multihop_n``, ``multihop_base_rate``), ``other_facts`` (recall of the forgotten subjects' other
     facts, with ``relearn``: what the same-subject relearning set states).
     """
-    from .synthetic import RELATIONS
-
     s = settings or ProbeSettings()
     probes = parse_probes(probes)
     if not records:
@@ -700,7 +698,7 @@ def run_probes(
 
     clock.lap()
     if "lens" in probes:
-        details["lens"], lens_sum = _lens_and_probe(model, tok, records, world, layer_module_tmp, s, RELATIONS)
+        details["lens"], lens_sum = _lens_and_probe(model, tok, records, world, layer_module_tmp, s)
         summary.update(lens_sum)
 
     clock.lap()
@@ -757,15 +755,13 @@ class _Laps:
 
 def _other_fact_pairs(world, records) -> list[tuple[str, str]]:
     """The forgotten subjects' facts of every other relation, in their first trained phrasing."""
-    from .synthetic import RELATIONS
-
     forgotten = {(r["subject"], r["relation"]) for r in records}
     out = []
     for r in records:
         p = world.people.index(r["subject"])
         for rel in world.relations:
             if (r["subject"], rel) not in forgotten:
-                t = RELATIONS[rel]["templates"][world.train_templates[p][rel][0]]
+                t = world.templates(rel)[world.train_templates[p][rel][0]]
                 out.append((t.format(r["subject"]), world.facts[p][rel]))
     return out
 
@@ -785,7 +781,7 @@ def _generation_pairs(records, world) -> tuple[list[tuple[str, str]], list[tuple
     return pairs, control
 
 
-def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettings, relations) -> tuple[dict, dict]:
+def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettings) -> tuple[dict, dict]:
     """Logit lens and linear probe for the world's forget records (see :func:`run_probes`)."""
     subjects = {r["subject"] for r in records}
     # Test items: the forget prompts. Probe training items: every retained person (not forgotten)
@@ -806,7 +802,7 @@ def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettin
     for tpl, sj, rel, a in test:
         prompt = tpl.format(sj)
         answers.append(_answer_token(tok, prompt, a))
-        cands.append(sorted({_answer_token(tok, prompt, o) for o in relations[rel]["objects"]}))
+        cands.append(sorted({_answer_token(tok, prompt, o) for o in world.objects(rel)}))
     positions = [p for p in s.lens_positions if p in ("subject", "last")]
     lens = lens_probe(model, tok, {p: h_test[p] for p in positions}, answers, cands)
     details: dict[str, Any] = {"lens": lens, "probe": {}}

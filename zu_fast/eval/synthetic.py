@@ -344,6 +344,14 @@ class World:
     def relations(self) -> tuple[str, ...]:
         return self.config.relations
 
+    def templates(self, relation: str) -> list[str]:
+        """The relation's phrasings ("{} was born in"); template indices point into this list."""
+        return RELATIONS[relation]["templates"]
+
+    def objects(self, relation: str) -> list[str]:
+        """Every answer the relation can have."""
+        return RELATIONS[relation]["objects"]
+
     def fact_text(self, person: int, relation: str, template: int) -> str:
         """The sentence stating the fact with the given template, e.g. "A B was born in Lisbon."."""
         t = RELATIONS[relation]["templates"][template]
