@@ -10,8 +10,9 @@ import statistics
 
 import pytest
 
+from zu_fast import metrics
 from zu_fast.config import UnlearnConfig
-from zu_fast.eval import harness, metrics, probes, tinylm, worlds
+from zu_fast.eval import harness, probes, tinylm, worlds
 from zu_fast.eval.fact_world import FactWorld
 from zu_fast.eval.species import SPECIES_RELATIONS, SpeciesWorldConfig, make_species_world
 from zu_fast.eval.synthetic import RELATIONS, WorldConfig, make_world
@@ -215,7 +216,7 @@ def test_trainer_tag_option_decides_the_preset(tmp_path, tag):
     assert meta["config"] == cfg.to_dict() and meta["config"]["world"]["kind"] == "species"
     ucfg = UnlearnConfig.for_model(model)
     if tag:  # the zu-tiny preset: GD, three layers ending at half the depth, 50 target steps
-        assert list(ucfg.layers) == [2, 3, 4] and ucfg.method == "gd" and ucfg.v_num_grad_steps == 50
+        assert list(ucfg.layers) == [2, 3, 4] and ucfg.method == "gd" and ucfg.targets.steps == 50
     else:  # the generic Llama defaults: three layers ending at 21/32 of the depth, the paper's 25 steps
         assert list(ucfg.layers) == [3, 4, 5] and ucfg.method == "closed_form"
-        assert ucfg.v_num_grad_steps == UnlearnConfig().v_num_grad_steps
+        assert ucfg.targets.steps == UnlearnConfig().targets.steps
