@@ -68,6 +68,11 @@ class Targets:
     # (the KL term always from the model's own logits). None or the last layer: the model's own logits. Only
     # Qwen3-4B's reference file names a layer below the top (31 of 36), kept for fidelity.
     loss_layer: int | None = None
+    # True: δ starts from what removing the z layer's original representation (its clean MLP output's components
+    # along their basis) does to the stream, and moves only orthogonally to that basis, so the target is reachable
+    # by an edit whose new output is orthogonal to the original one (docs/algorithm.md, step 2). False: the
+    # reference's free δ from 0, whose target the closed form's projector may pull the edit away from.
+    orthogonal: bool = False
     # Requests whose target loss stays above this after the optimisation are reported as not converged
     # (a warning and ``edit.report.flags``): their neutral target is not the model's likely continuation.
     warn_loss: float = 0.7

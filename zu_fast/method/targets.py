@@ -269,9 +269,15 @@ def optimize_deltas(
     at_module: bool = False,
     desc: str = "targets",
     progress: bool | None = None,
+    offset: torch.Tensor | None = None,
+    free_basis: torch.Tensor | None = None,
 ) -> DeltaResult:
     """Optimise δ toward ``target_ids[i]`` for request i, added at the output of decoder layer ``layer``,
-    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``."""
+    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``.
+
+    ``offset``  # [N, d] and ``free_basis``  # [d, r] (``targets.orthogonal``, docs/algorithm.md step 2): δ_i is
+    offset_i plus a free part kept orthogonal to the basis; the clamp and the weight decay act on the free part,
+    and the KL term compares with the clean model (δ = 0). None: the reference's free δ."""
     progress = cfg.runtime.progress if progress is None else progress
     parts = []
     n_chunks = (len(requests) + cfg.targets.batch_size - 1) // cfg.targets.batch_size
@@ -279,12 +285,14 @@ def optimize_deltas(
         sl = slice(c * cfg.targets.batch_size, (c + 1) * cfg.targets.batch_size)
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl],
-                                     label, progress, at_module))
+                                     label, progress, at_module,
+                                     offset[sl] if offset is not None else None, free_basis))
     return DeltaResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DeltaResult)))
 
 
 def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
-                    at_module: bool = False):
+                    at_module: bool = False, offset: torch.Tensor | None = None,
+                    free_basis: torch.Tensor | None = None):
     device = model_device(model)
     flat = _flatten(templates)
     n_req, n_tpl = len(requests), len(flat)
@@ -351,6 +359,10 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         del clean
 
         delta = torch.zeros(n_req, h_init.shape[-1], device=base.device, dtype=torch.float32, requires_grad=True)
+        # the fixed part of δ (None: the reference) and the directions its free part must avoid
+        shift = offset.to(base.device, torch.float32) if offset is not None else None  # [n_req, d]
+        U_free = free_basis.to(base.device, torch.float32) if free_basis is not None else None  # [d, r]
+        use_shift = [shift is not None]
         if cfg.targets.lr_relative:
             # Scale-free steps: Adam's step is about lr per coordinate (sign-like), i.e. lr·√d in norm; scaled per
             # row by ‖h_init,i‖/√d it moves δ_i by about lr·‖h_init,i‖, whatever the model's hidden-state scale.
@@ -372,7 +384,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
 
         def forward(rows: _Rows, skip_below: bool) -> tuple[torch.Tensor, torch.Tensor]:
             def add_to(out: torch.Tensor) -> torch.Tensor:
-                return _scatter_rows(out, rows.seq, rows.subj_pos, delta[rows.seq_req])
+                rows_delta = delta + shift if use_shift[0] else delta
+                return _scatter_rows(out, rows.seq, rows.subj_pos, rows_delta[rows.seq_req])
 
             with contextlib.ExitStack() as stack:
                 if at_module:
@@ -426,6 +439,11 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                                   stacklevel=2)
                     skip_below = False
                     nll, logp_kl = losses(skip_below)
+                if kl_init is None and shift is not None:  # the KL term compares with the clean model (δ = 0)
+                    use_shift[0] = False
+                    with torch.no_grad():
+                        kl_init = losses(skip_below)[1].detach()
+                    use_shift[0] = True
                 if kl_init is None:
                     kl_init = logp_kl.detach()  # the first step forwards every request
                 kl = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)  # KL(current ‖ initial)   [n_req]
@@ -453,6 +471,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                     if row_lr is not None:  # Adam ran with lr 1: scale each row's step by its own lr
                         delta.copy_(keep + row_lr * (delta - keep))
                     delta[~active] = keep[~active]  # converged rows stay where they stopped
+                    if U_free is not None:  # the free part stays orthogonal to the basis
+                        delta.sub_((delta @ U_free) @ U_free.t())
                     norms = delta.norm(dim=1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                     delta.mul_(scale[:, None])
@@ -463,7 +483,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             bar.close()
     if init_loss is None:
         raise ZuFastError("the target optimisation ran no step (v_num_grad_steps must be ≥ 1)")
-    return DeltaResult(delta.detach(), h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu(), final_nll.cpu(),
+    total = delta.detach() + shift if shift is not None else delta.detach()
+    return DeltaResult(total, h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu(), final_nll.cpu(),
                        final_kl.cpu())
 
 
@@ -478,6 +499,8 @@ def retry_unreached(
     res: DeltaResult,
     *,
     desc: str = "targets",
+    offset: torch.Tensor | None = None,
+    free_basis: torch.Tensor | None = None,
 ) -> tuple[DeltaResult, int, int]:
     """Give the requests whose target loss stayed above ``cfg.targets.warn_loss`` a second optimisation, from
     scratch, with the clamp radius widened ``cfg.targets.retry_clamp`` times and twice the steps; keep a row's
@@ -493,7 +516,8 @@ def retry_unreached(
         return res, 0, 0
     wide = cfg.replace(clamp_norm_factor=cfg.targets.clamp * factor, v_num_grad_steps=2 * cfg.targets.steps)
     again = optimize_deltas(model, tok, [requests[i] for i in bad], wide, templates, layer,
-                            [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)")
+                            [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)",
+                            offset=offset[bad] if offset is not None else None, free_basis=free_basis)
     delta, final, steps = res.delta.clone(), res.final_loss.clone(), res.steps.clone()
     nll, kl = res.final_nll.clone(), res.final_kl.clone()
     improved = 0

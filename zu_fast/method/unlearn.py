@@ -15,7 +15,7 @@ from ..config import UnlearnConfig
 from ..edit import Edit
 from ..errors import ZuFastError
 from ..model import continuation_ids, edit_targets, get_module, layer_count
-from ..model.locate import MoETarget, describe_key
+from ..model.locate import MoETarget, describe_key, post_mlp_norm
 from ..requests import UnlearnRequest, check_lengths, max_positions, normalize_requests
 from ..stats.collect import CorpusStats, collect_stats
 from ..stats.store import check_stats_for_model
@@ -23,6 +23,7 @@ from .closed_form import multiplier, narrow_multiplier
 from .components import ComponentProblem, DenseLayers, LayerStrategy
 from .moe import MoELayers
 from .projector import representation_basis
+from .residual import to_module_space
 from .safety import check_gap as _safety_check_gap
 from .safety import check_residual_stream, check_weight_change, enforce_strict
 from .targets import optimize_deltas, retry_unreached
@@ -71,20 +72,47 @@ def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.
           limit=cfg.targets.warn_loss)
 
 
+def orthogonal_start(clean: torch.Tensor, cfg: UnlearnConfig, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``targets.orthogonal`` (docs/algorithm.md, step 2): from the z layer's clean module outputs o  # [N, d], the
+    fixed part of δ — the z layer's output without the components of o along their basis U, i.e. what removing
+    the original representation does to the residual stream (through the block's post-MLP norm when it has
+    one) — and U  # [d, r], which δ's free part must avoid. A target built so is reachable by an edit whose new
+    output is orthogonal to the original one, which the closed form's projector imposes."""
+    o = clean.detach().to(torch.float64)  # [N, d]
+    U = representation_basis(o.t(), cfg.representation.basis_rtol)  # [d, r]
+    kept = o - (o @ U) @ U.t()  # [N, d]
+    if norm is None:
+        offset = kept - o
+    else:
+        with torch.no_grad():
+            dt = next((p.dtype for p in norm.parameters()), torch.float32)
+            dev = next((p.device for p in norm.parameters()), o.device)
+            offset = (norm(kept.to(dev, dt)) - norm(o.to(dev, dt))).to(torch.float64).cpu()
+    return offset.float(), U.float()
+
+
 def z_targets(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, templates, neutral: Sequence[int],
-              report) -> torch.Tensor:
+              report, *, clean_z_out: torch.Tensor | None = None) -> torch.Tensor:
     """Step 2: the target hidden states z  # [N, d] at the z layer (with the retry of unreached rows);
-    records the optimisation's numbers in ``report.targets`` and flags the requests that did not converge."""
+    records the optimisation's numbers in ``report.targets`` and flags the requests that did not converge.
+    ``clean_z_out``  # [N, d]: the z layer's clean module outputs, for ``targets.orthogonal``."""
+    offset = basis = None
+    if cfg.targets.orthogonal and clean_z_out is not None:
+        norm = post_mlp_norm(model, cfg.locate.layer_module, cfg.z_layer)
+        offset, basis = orthogonal_start(clean_z_out, cfg, norm)
     z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
-                            desc=f"z at layer {cfg.z_layer}")
+                            desc=f"z at layer {cfg.z_layer}", offset=offset, free_basis=basis)
     z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
-                                               z_res, desc=f"z at layer {cfg.z_layer}")
+                                               z_res, desc=f"z at layer {cfg.z_layer}", offset=offset,
+                                               free_basis=basis)
     report.targets = {
         "z_retried": float(retried),
         "z_retry_improved": float(improved),
         "z_loss_initial": float(z_res.initial_loss.mean()),
         "z_loss_final": float(z_res.final_loss.mean()),
         "z_loss_final_max": float(z_res.final_loss.max()),
+        "z_nll_final": float(z_res.final_nll.mean()),
+        "z_kl_final": float(z_res.final_kl.mean()),
         "z_steps_mean": float(z_res.steps.float().mean()),
         "z_converged_frac": float((z_res.final_loss < cfg.targets.stop_loss).float().mean()),
     }
@@ -296,7 +324,8 @@ def unlearn(
         with clock.phase("read_keys"):
             readings = layers.read(model, tok, reqs, cfg, templates, targets)
         with clock.phase("targets_z"):
-            z = z_targets(model, tok, reqs, cfg, templates, neutral, report)  # [N, d]
+            z = z_targets(model, tok, reqs, cfg, templates, neutral, report,
+                          clean_z_out=layers.clean_output(readings, targets[-1]))  # [N, d]
         h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
 
         for j, t in enumerate(targets):
@@ -310,6 +339,10 @@ def unlearn(
                                                   layers.clean_output(readings, t), t.device)  # [d, r]
             resid = (z - readings.z_out.to(z.device)) / (m - j)  # [N, d] this layer's share of the way to z
             row0 = {"resid_norm_mean": float(resid.norm(dim=1).mean()), "basis_rank": float(basis.shape[1])}
+            norm = post_mlp_norm(model, cfg.locate.layer_module, t.layer)
+            if norm is not None:  # the block normalises the MLP's output: ask the module for what N turns into r
+                resid = to_module_space(norm, layers.clean_output(readings, t).to(resid.device), resid)
+                row0["resid_module_norm_mean"] = float(resid.norm(dim=1).mean())
             for p in layers.problems(t, readings, resid, stats, bias_in_r=gd_update is None):
                 with clock.phase("solve"):
                     factor, info = _solve(p, stats, basis, cfg, gd_update)
