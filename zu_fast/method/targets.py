@@ -47,9 +47,9 @@ from ..model import (
     layer_count,
     model_device,
     padded_batch,
-    subject_spans,
 )
 from ..requests import UnlearnRequest
+from .keys import key_positions
 
 # Prompts are padded per length bucket (at most cfg.targets.length_buckets forwards per step); one more
 # bucket only if it saves at least this share of the padded tokens (the prompts of one request differ
@@ -266,23 +266,27 @@ def optimize_deltas(
     at_module: bool = False,
     desc: str = "targets",
     progress: bool | None = None,
+    position: str | None = None,
 ) -> DeltaResult:
     """Optimise δ toward ``target_ids[i]`` for request i, added at the output of decoder layer ``layer``,
-    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``."""
+    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``, at each
+    prompt's key position ``position`` (default ``cfg.templates.fact_token``: the subject's last token, or the
+    prompt's last; the KL prompt "{subject} is a" by the same rule, as ROME does)."""
     progress = cfg.runtime.progress if progress is None else progress
+    position = cfg.templates.fact_token if position is None else position
     parts = []
     n_chunks = (len(requests) + cfg.targets.batch_size - 1) // cfg.targets.batch_size
     for c in range(n_chunks):
         sl = slice(c * cfg.targets.batch_size, (c + 1) * cfg.targets.batch_size)
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl],
-                                     label, progress, at_module))
+                                     label, progress, at_module, position))
     return DeltaResult(*(torch.cat([getattr(p, f) for p in parts]) for f in
                          ("delta", "h_init", "initial_loss", "final_loss", "steps")))
 
 
 def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
-                    at_module: bool = False):
+                    at_module: bool = False, position: str = "subject_last"):
     device = model_device(model)
     flat = _flatten(templates)
     n_req, n_tpl = len(requests), len(flat)
@@ -297,7 +301,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         tpls.append("{} is a")
         subjects.append(r.subject)
         names.append(r.describe())
-    ids, subj_idx = subject_spans(tok, tpls, subjects, names)
+    ids, subj_idx = key_positions(tok, tpls, subjects, names, position)  # before the target is appended
     seq_req = torch.tensor([i for i in range(n_req) for _ in range(n_tpl)] + list(range(n_req)), device=device)
     # teacher forcing: append target[:-1]; the loss reads the positions predicting each target token
     tgt_seq, tgt_pos, tgt_tok, tgt_w = [], [], [], []
