@@ -314,7 +314,8 @@ def test_moe_layers_take_the_retain_set_per_component(method):
     tok = tokenizer()
     model = build("mixtral", layers=3)  # 4 experts narrower than d: the narrow closed form
     cfg = UnlearnConfig.for_model(model, **FAST, method=method, fact_token="last", gd_steps=60,
-                                  forget_leverage=0.7, gd_null_energy=0.3)
+                                  forget_leverage=0.7, gd_null_energy=0.3, retain_weight_rk=5000.0,
+                                  retain_weight_rv=5000.0, gd_retain_weight=10000.0)
     stats = zu_fast.collect_stats(model, tok, corpus(60), cfg, cache=False)
     prompts = [r["prompt"].format(r["subject"]) for r in RETAIN]
     clean = _last_logits(model, tok, prompts)

@@ -49,7 +49,7 @@ def test_subject_other_known_answers(tok):
     # no such prompts: NaN, and the table leaves the row out
     plain = [{k: v for k, v in r.items() if k != "subject_other_prompts"} for r in records]
     res0 = M.evaluate(model, tok, plain)
-    assert math.isnan(res0["subject_other"]) and res0["n_subject_other"] == 0
+    assert "subject_other" not in res0 and res0["n_subject_other"] == 0
     assert "Subject-other" not in M.format_table(res0, res0)
     assert "| Subject-other (%) ↑ | 66.7 | 0.0 | -66.7 |" in M.format_table(res, {**res, "subject_other": 0.0})
 
@@ -146,6 +146,13 @@ def test_dataset_mode_subject_other_pairs():
     runner.dataset = _DS()
     assert runner.subject_other_pairs([_DS.records[0]]) == [("A B speaks", "Greek")]
     assert runner.subject_other_pairs([_DS.records[2]]) == []
+
+
+def test_dataset_mode_refuses_retain(tmp_path):
+    from zu_fast import ZuFastError
+
+    with pytest.raises(ZuFastError, match="--retain subject.*synthetic world"):
+        harness.main(["--dataset", "x.json", "--retain", "subject", "--out", str(tmp_path)])
 
 
 def test_probes_report_subject_other():

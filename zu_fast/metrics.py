@@ -311,9 +311,9 @@ def evaluate(
 ) -> dict[str, float]:
     """All metrics: efficacy, generalization, specificity, subject_other, perplexity, es, ps, ns (+ counts).
 
-    Percentages in 0-100; ``perplexity`` is NaN when no held-out texts are given, ``subject_other`` when no
-    record carries ``subject_other_prompts``. The model is put in eval mode for the measurement and its previous
-    mode restored.
+    Percentages in 0-100; ``perplexity`` is NaN when no held-out texts are given; ``subject_other`` is present
+    only when some record carries ``subject_other_prompts``. The model is put in eval mode for the measurement
+    and its previous mode restored.
     """
     was_training = getattr(model, "training", False)
     model.eval()
@@ -322,9 +322,10 @@ def evaluate(
             "efficacy": efficacy(model, tok, records, batch_size=batch_size),
             "generalization": generalization(model, tok, records, batch_size=batch_size),
             "specificity": specificity(model, tok, records, batch_size=batch_size),
-            "subject_other": subject_other(model, tok, records, batch_size=batch_size),
             "perplexity": perplexity(model, tok, heldout_texts or [], batch_size=batch_size),
         }
+        if subject_other_pairs(records):
+            res["subject_other"] = subject_other(model, tok, records, batch_size=batch_size)
         res.update(probability_scores(model, tok, records, neutral_target, batch_size=batch_size))
     finally:
         if was_training:

@@ -139,9 +139,11 @@ class ClosedForm:
     # λ_rK, λ_rV (the reference's retain_KKT_lam / retain_VKT_lam, which its code never reads): the weight of each
     # retain record's demand D W k_r = W k_r (its output unchanged), used only when unlearn() gets retain records.
     # When the leverage rule raises the forget weights it raises these by the same factor (the configured
-    # retain : forget ratio is kept).
-    retain_weight_k: float = 50.0
-    retain_weight_v: float = 50.0
+    # retain : forget ratio is kept). 5 = a tenth of a forget request's λ_f = 50: on the small model a retain record
+    # weighing as much as a forget request kept the subject's other facts but cost the forgotten fact's paraphrases
+    # 20–30 points of Generalization (docs/design-notes.md, "Retain set").
+    retain_weight_k: float = 5.0
+    retain_weight_v: float = 5.0
     regularization: float = 1.0  # λ (regularization_lam)
     # X = (1/(n−1)) Σ v kᵀ (uncentred, what the reference computes: its running-mean merge shrinks the means to
     # ~0); True: the exactly centred (1/(n−1)) Σ (v−μ_v)(k−μ_k)ᵀ its code was written for.
@@ -179,8 +181,9 @@ class GD:
     remap_weight: float = 100.0
     norm_weight: float = 0.1
     # Weight of ‖ΔW K_r‖², the change of the retain records' outputs (used only when unlearn() gets retain records;
-    # per record it weighs like the remap term's per-request weight at the same value).
-    retain_weight: float = 100.0
+    # per record it weighs like the remap term's per-request weight at the same value: 5 is a twentieth of it, the
+    # balance of Generalization and Subject-other measured on the small model; docs/design-notes.md, "Retain set").
+    retain_weight: float = 5.0
     # Early stop: relative loss decrease < tol over `window` steps (0: run all steps). Chosen so that the results
     # match the full-length dense reference within the tests' tolerance (tests/test_gd.py, benchmarks/gd_speed.py).
     tol: float = 1e-4

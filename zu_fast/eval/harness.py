@@ -887,6 +887,9 @@ def dataset_main(args: argparse.Namespace, argv: list[str]) -> int:
     """``zu-fast eval --dataset FILE``: every method on the same forget records, layers and statistics."""
     from tqdm.auto import tqdm
 
+    if args.retain:
+        raise ZuFastError("--retain subject builds the retain set from the synthetic world's other facts; the dataset "
+                          "mode has none (CounterFact holds one record for most subjects); run it without --dataset")
     methods = ["base"] + [m for m in _methods(args.methods or DEFAULT_METHODS) if m != "base"]
     seeds = _ints(args.seeds, "--seeds", least=0)
     ns = _ints(args.n or DEFAULT_N)
