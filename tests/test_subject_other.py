@@ -93,7 +93,7 @@ def test_eval_quality_table_with_subject_other_relearning_and_retain(tmp_path, m
     from zu_fast.eval import tinylm
 
     monkeypatch.setenv("ZU_FAST_CACHE", str(tmp_path / "cache"))
-    model, tk = llama(layers=4, hidden=32, d_ff=48)
+    model, tk = llama(layers=6, hidden=32, d_ff=48)
     world = make_world(WorldConfig(n_people=8, n_filler_train=40, n_filler_heldout=8, n_neighbors=2))
     monkeypatch.setattr(tinylm, "load_or_train", lambda **kw: (model, tk, world))
     monkeypatch.setattr(tinylm, "load_meta", lambda *a, **kw: None)
@@ -112,7 +112,7 @@ def test_eval_quality_table_with_subject_other_relearning_and_retain(tmp_path, m
     try:
         rc = harness.main(["--methods", "gd,ga", "--n", "2", "--seeds", "0", "--out", str(out), "--gd-steps", "5",
                            "--quiet", "--threads", "1", "--baseline-epochs", "1", "--retain", "subject",
-                           "--relearn-steps", "2", "--no-plot"])
+                           "--relearn-steps", "2", "--no-plot", "--preset", "zu-tiny-keep"])
     finally:
         torch.set_num_threads(old)
     assert rc == 0
@@ -129,8 +129,11 @@ def test_eval_quality_table_with_subject_other_relearning_and_retain(tmp_path, m
     kept = {r["prompt"].format(r["subject"]) for r in retain}
     assert kept and measured and not kept & measured
     assert cfg.method == "gd" and res["meta"]["retain"] == "subject"
-    # each method's own preset: the closed form without GD's retry (for_model(method=...))
+    # --preset with its -gd twin: layers 2-4 (the statistics cover them although for_model edits 1-3), keys at
+    # the prompt's last token, the closed form without GD's retry
+    assert cfg.layers == [2, 3, 4] and cfg.templates.fact_token == "last" and cfg.targets.retry_clamp == 2.0
     assert res["meta"]["method_configs"]["zeroUnlearn"]["targets"]["retry_clamp"] is None
+    assert res["meta"]["method_configs"]["zeroUnlearn"]["method"] == "closed_form"
 
 
 def test_dataset_mode_subject_other_pairs():
@@ -164,3 +167,16 @@ def test_probes_report_subject_other():
     res = probes.run_probes(model, tk, records, ["multihop"], world=world)
     pairs = [(f["text"], f["target"]) for r in records for f in world.other_facts(r, "heldout")]
     assert res["summary"]["subject_other"] == M.recall(model, tk, pairs)
+
+
+def test_each_method_gets_its_own_preset():
+    """Without --preset/--config: for_model(method=...) per method (the closed form without GD's target retry)."""
+    import argparse
+
+    from test_config import _mcfg
+
+    cfgs = harness._method_configs(_mcfg("llama", 6, zu_fast_model="zu-tiny-llama"),
+                                   argparse.Namespace(config=None, preset=None), {"progress": False})
+    assert cfgs["gd"].method == "gd" and cfgs["gd"].targets.retry_clamp == 2.0
+    assert cfgs["zeroUnlearn"].method == "closed_form" and cfgs["zeroUnlearn"].targets.retry_clamp is None
+    assert cfgs["zeroUnlearn"].closed_form.forget_leverage == 0.7

@@ -182,12 +182,15 @@ class _Runner:
 
         hp_over = {k: v for k, v in (("lr", args.baseline_lr), ("epochs", args.baseline_epochs)) if v is not None}
         self.baseline_hparams = BaselineHParams(**hp_over)
-        self.stats = zu_fast.collect_stats(self.model, self.tok, self.world.training_texts(), self.cfg)
+        # one statistics pass for every layer any method edits (a --preset may edit other layers than for_model)
+        edited = sorted(set(self.cfg.layers).union(*(c.layers for c in self.method_cfg.values())))
+        self.stats = zu_fast.collect_stats(self.model, self.tok, self.world.training_texts(),
+                                           self.cfg.replace(layers=edited))
         self.setup_seconds = time.perf_counter() - t0
         self.max_n = len(self.world.people) // 2
         # every parameter any method may touch: the edited layers' MLPs (checked after each restore)
         module = self.cfg.locate.rewrite_module
-        prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
+        prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in edited)
         self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
         self.meta = {
             "model": "tinylm " + str(getattr(tinylm, "CODE_VERSION", "")),
