@@ -658,8 +658,9 @@ def run_probes(
     ``probe_<pos>_val`` (the probe on held-out retained facts), ``gen_greedy``,
     ``gen_greedy_no_eos``, ``gen_sample``, ``gen_sample_any`` (and ``gen_*_control``: the same prompts
     about a stranger, i.e. the chance of naming the answer without knowing it), ``multihop`` (+
-    ``multihop_n``, ``multihop_base_rate``), ``other_facts`` (recall of the forgotten subjects' other
-    facts, with ``relearn``: what the same-subject relearning set states).
+    ``multihop_n``, ``multihop_base_rate``), ``subject_other`` (always: recall of the forgotten subjects'
+    other facts in their held-out phrasings, the Subject-other metric), ``other_facts`` (with ``relearn``: the
+    same facts in the phrasing the same-subject relearning set states).
     """
     s = settings or ProbeSettings()
     probes = parse_probes(probes)
@@ -669,6 +670,9 @@ def run_probes(
     details: dict[str, Any] = {"settings": s.to_dict()}
     bs = s.batch_size
     clock = _Laps(probes)
+    # Subject-other beside every probe: does the edit take the person with the fact? (held-out phrasings)
+    other = [(f["text"], f["target"]) for r in records for f in world.other_facts(r, "heldout")]
+    summary["subject_other"] = metrics.recall(model, tok, other, batch_size=bs) if other else math.nan
 
     clock.lap()
     if "quant" in probes:
@@ -931,7 +935,8 @@ def robustness_tables(rows: Sequence[dict], order: Sequence[str]) -> tuple[str, 
         parts += ["### Quantization (RTN, groups of 128; Eff/Gen/Spe %)", "", _table(aggs, qcols, order, with_std), ""]
     rcols = _relearn_columns(keys)
     if rcols:
-        other = [("other_facts", "subjects' other facts", 1)] if "other_facts" in keys else []
+        other = [(k, label, 1) for k, label in (("subject_other", "Subj-other (held-out)"),
+                                                ("other_facts", "subjects' other facts")) if k in keys]
         parts += ["### Relearning (forget-prompt Efficacy % after k fine-tuning steps)", "",
                   _table(aggs, [("efficacy", "Eff", 1)] + other + rcols, order, with_std), ""]
     acols = [c for c in ATTACK_COLUMNS if c[0] in keys]

@@ -48,9 +48,9 @@ from ..model import (
     layer_count,
     model_device,
     padded_batch,
-    subject_spans,
 )
 from ..requests import UnlearnRequest
+from .keys import key_positions
 
 # Prompts are padded per length bucket (at most cfg.targets.length_buckets forwards per step); one more
 # bucket only if it saves at least this share of the padded tokens (the prompts of one request differ
@@ -271,14 +271,18 @@ def optimize_deltas(
     progress: bool | None = None,
     offset: torch.Tensor | None = None,
     free_basis: torch.Tensor | None = None,
+    position: str | None = None,
 ) -> DeltaResult:
     """Optimise δ toward ``target_ids[i]`` for request i, added at the output of decoder layer ``layer``,
-    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``.
+    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``, at each
+    prompt's key position ``position`` (default ``cfg.templates.fact_token``: the subject's last token, or the
+    prompt's last; the KL prompt "{subject} is a" by the same rule, as ROME does).
 
     ``offset``  # [N, d] and ``free_basis``  # [d, r] (``targets.orthogonal``, docs/algorithm.md step 2): δ_i is
     offset_i plus a free part kept orthogonal to the basis; the clamp and the weight decay act on the free part,
     and the KL term compares with the clean model (δ = 0). None: the reference's free δ."""
     progress = cfg.runtime.progress if progress is None else progress
+    position = cfg.templates.fact_token if position is None else position
     parts = []
     n_chunks = (len(requests) + cfg.targets.batch_size - 1) // cfg.targets.batch_size
     for c in range(n_chunks):
@@ -286,13 +290,13 @@ def optimize_deltas(
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl],
                                      label, progress, at_module,
-                                     offset[sl] if offset is not None else None, free_basis))
+                                     offset[sl] if offset is not None else None, free_basis, position))
     return DeltaResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DeltaResult)))
 
 
 def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
                     at_module: bool = False, offset: torch.Tensor | None = None,
-                    free_basis: torch.Tensor | None = None):
+                    free_basis: torch.Tensor | None = None, position: str = "subject_last"):
     device = model_device(model)
     flat = _flatten(templates)
     n_req, n_tpl = len(requests), len(flat)
@@ -307,7 +311,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         tpls.append("{} is a")
         subjects.append(r.subject)
         names.append(r.describe())
-    ids, subj_idx = subject_spans(tok, tpls, subjects, names)
+    ids, subj_idx = key_positions(tok, tpls, subjects, names, position)  # before the target is appended
     seq_req = torch.tensor([i for i in range(n_req) for _ in range(n_tpl)] + list(range(n_req)), device=device)
     # teacher forcing: append target[:-1]; the loss reads the positions predicting each target token
     tgt_seq, tgt_pos, tgt_tok, tgt_w = [], [], [], []

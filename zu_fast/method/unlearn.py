@@ -24,6 +24,7 @@ from .components import ComponentProblem, DenseLayers, LayerStrategy
 from .moe import MoELayers
 from .projector import representation_basis
 from .residual import to_module_space
+from .retain import check_retain, retain_columns, retain_prompts
 from .safety import check_gap as _safety_check_gap
 from .safety import check_residual_stream, check_weight_change, enforce_strict
 from .targets import optimize_deltas, retry_unreached
@@ -256,19 +257,20 @@ def _gd_progress(cfg: UnlearnConfig, layer: int) -> Iterator[list[float]]:
 
 
 def _solve(p: ComponentProblem, stats: CorpusStats, basis: torch.Tensor, cfg: UnlearnConfig,
-           gd_update) -> tuple[torch.Tensor, dict]:
+           gd_update, K_r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One component's factor: ΔW (GD) or D (the closed form; the narrow form where d_in < d), and the solver's
-    numbers. A component's corpus weight π scales λ_w (1 for a dense layer: the configuration as it is)."""
+    numbers. A component's corpus weight π scales λ_w (1 for a dense layer: the configuration as it is).
+    ``K_r``  # [d_in, M]: the retain keys that reach the component (``method/retain.py``), or None."""
     c, st, U = p.target, stats[p.key], basis.to(p.target.device)
     if gd_update is not None:
         with _gd_progress(cfg, p.key) as trace:
-            return gd_update(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, trace=trace)
+            return gd_update(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, trace=trace, K_r=K_r)
     if p.weight != 1.0:
         cfg = cfg.replace(closed_form={"corpus_weight_k": cfg.closed_form.corpus_weight_k * p.weight,
                                        "corpus_weight_v": cfg.closed_form.corpus_weight_v * p.weight})
     solve = multiplier if c.d_in >= c.d else narrow_multiplier
     info: dict = {}
-    return solve(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, info=info), info
+    return solve(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, info=info, K_r=K_r), info
 
 
 def unlearn(
@@ -281,10 +283,16 @@ def unlearn(
     corpus: Any = None,
     context_templates: list[list[str]] | None = None,
     strict: bool | None = None,
+    retain: Any = None,
+    retain_templates: Sequence[str] | None = None,
 ) -> Edit:
     """Make ``model`` forget ``requests`` in place; returns the Edit (restore/save/report).
 
     requests: records ``{"prompt": "{} was born in", "subject": ..., "target_true": str | {"str": ...}}``.
+    retain: prompts whose outputs must not change (``method/retain.py``): records ``{"prompt", "subject",
+    "target_true"}``, plain prompts, or ``"subject"`` with ``retain_templates=["{} works for", ...]``: the
+    forgotten subjects' other prompts. They enter each edited layer's problem with the weights
+    ``retain_weight_rk/_rv`` (closed form) or ``gd_retain_weight`` (GD); None leaves the method as it is.
     stats: from ``collect_stats`` (or pass ``corpus=`` to collect/load them here). Statistics that carry
     a model fingerprint must be of this model, or of the model before the zu_fast edits on it
     (sequential unlearning; ``zu_fast.stats.store.check_stats_for_model``); hand-built ones are trusted.
@@ -299,6 +307,8 @@ def unlearn(
     reqs = normalize_requests(requests)
     targets = edit_targets(model, cfg.layers, cfg.locate)
     _check_before_work(model, tok, reqs, cfg)  # everything cheap, before statistics or any change
+    keep = retain_prompts(retain, reqs, retain_templates)
+    check_retain(keep, reqs, tok, model, cfg.templates.fact_token, reserve=cfg.templates.length + 4)
     if stats is None:
         if corpus is None:
             raise ZuFastError("unlearn needs corpus statistics: pass stats=zu_fast.collect_stats(...) or corpus=...")
@@ -318,6 +328,7 @@ def unlearn(
     report = edit.report
     report.n_requests = len(reqs)
     m = len(targets)
+    kept = None  # the retain prompts' readings at the layers still to edit
     try:
         with clock.phase("templates"):
             templates = context_templates or make_context_templates(model, tok, cfg)
@@ -332,6 +343,9 @@ def unlearn(
             if j > 0:  # keys (and routing) and z-layer outputs after the earlier layers were edited
                 with clock.phase("read_keys"):
                     readings = layers.read(model, tok, reqs, cfg, templates, targets[j:])
+            if keep:  # the retain prompts' keys on the same model, read like the forget keys
+                with clock.phase("read_keys"):
+                    kept = layers.read(model, tok, keep, cfg, templates, targets[j:])
             # Step 3 at this layer, on the model with the earlier layers already edited (as the reference):
             # the module output that yields the TRUE answer, δ at the module's output.
             with clock.phase("projectors"):
@@ -344,13 +358,16 @@ def unlearn(
                 resid = to_module_space(norm, layers.clean_output(readings, t).to(resid.device), resid)
                 row0["resid_module_norm_mean"] = float(resid.norm(dim=1).mean())
             for p in layers.problems(t, readings, resid, stats, bias_in_r=gd_update is None):
+                K_r = retain_columns(kept, p) if kept is not None else None  # [d_in, M] or None
                 with clock.phase("solve"):
-                    factor, info = _solve(p, stats, basis, cfg, gd_update)
+                    factor, info = _solve(p, stats, basis, cfg, gd_update, K_r)
                 row = {**row0, **p.report, **orig_info}
                 _apply_and_record(edit, report, clock, p.key, p.target, factor, row, info, cfg, describe_key(p.key))
         with clock.phase("check"):
             after = layers.read(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
         _check_gap(report, z, h0, after, cfg)
+        if keep:
+            report.targets["n_retain"] = float(len(keep))
         names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
         for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
             for k in names:
