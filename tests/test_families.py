@@ -92,14 +92,16 @@ def test_non_causal_models_are_refused(family):
         UnlearnConfig.for_model(model.config)
 
 
-@pytest.mark.parametrize("n,layers", [(1, [0]), (2, [0]), (3, [0, 1]), (4, [0, 1, 2]), (6, [2, 3, 4]),
-                                      (28, [16, 17, 18]), (32, [19, 20, 21]), (80, [51, 52, 53])])
+@pytest.mark.parametrize("n,layers", [(1, [0]), (2, [0]), (3, [0, 1]), (4, [0, 1, 2]), (5, [0, 1, 2]),
+                                      (6, [1, 2, 3]), (8, [3, 4, 5]), (9, [4, 5, 6]), (28, [16, 17, 18]),
+                                      (32, [19, 20, 21]), (80, [51, 52, 53])])
 def test_layers_follow_the_depth(n, layers):
-    """The paper's ~60% rule (19–21 of 32, 16–18 of 28) and a layer above z whenever the model has two."""
+    """The paper's ~60% rule (19–21 of 32, 16–18 of 28), a layer above z whenever the model has two, two
+    once it has five."""
     assert default_layers(n) == layers
     assert UnlearnConfig.for_model(types.SimpleNamespace(model_type="llama", num_hidden_layers=n)).layers == layers
     if n >= 2:
-        assert max(layers) <= n - 2
+        assert max(layers) <= n - (3 if n >= 5 else 2)
 
 
 def test_for_model_validates_on_the_model():

@@ -3,6 +3,8 @@ orthogonal targets (``targets.orthogonal``) built on it."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from tiny_models import REQUESTS, llama
@@ -75,3 +77,31 @@ def test_orthogonal_targets_keep_the_free_part_off_the_basis():
     assert part.norm() > 0  # it moved
     assert (part @ U).abs().max() < 1e-4 * part.norm()
     assert not torch.allclose(res.delta, free.delta)
+
+
+def test_orthogonal_targets_turn_a_move_away_into_the_leverage():
+    """Issue 22, item 3: why the closed form can move the z output away from its targets. Its new output is
+    P (V + R), P removing the original representation's directions U; a free target z = h₀ + R ignores that
+    removal, so on this random model (scale-free steps, leverage 0.9) the edit moves away (gap < 0). A target
+    built on the removal (``targets.orthogonal``) is reached as far as the leverage says."""
+    from tiny_models import corpus
+
+    import zu_fast
+
+    model, tok = llama()
+    templates = [["{}"], ["Because I. {}", "You. {}"]]
+    cfg = UnlearnConfig.for_model(model, layers=[2], progress=False, v_num_grad_steps=10, forget_leverage=0.9,
+                                  targets={"lr_relative": True})
+    stats = zu_fast.collect_stats(model, tok, corpus(40), cfg, cache=False)
+    gaps = {}
+    for orth in (False, True):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            edit = zu_fast.unlearn(model, tok, REQUESTS, cfg.replace(targets={"orthogonal": orth}), stats=stats,
+                                   context_templates=templates)
+        gaps[orth] = edit.report.targets["z_gap_closed"]
+        kinds = {f["kind"] for f in edit.report.flags}
+        assert ("moved_away_from_targets" in kinds) == (not orth)
+        assert any("away from the targets" in str(w.message) for w in seen) == (not orth)
+        edit.restore()
+    assert gaps[False] < 0 and gaps[True] > 0.8

@@ -96,7 +96,7 @@ def test_batched_targets_follow_the_reference_loop(at_module, v_loss_layer):
     model, tok = llama()
     cfg = UnlearnConfig.for_model(model, layers=[0, 1], progress=False, v_num_grad_steps=6, v_lr=0.05,
                                   v_weight_decay=0.3, kl_factor=0.5, clamp_norm_factor=2.0,
-                                  v_loss_layer=v_loss_layer)
+                                  v_loss_layer=v_loss_layer, targets={"lr_relative": False})
     reqs = normalize_requests(REQUESTS[1:])
     layer = 1
     targets = [continuation_ids(tok, None), continuation_ids(tok, "Acme Oslo")]  # one token, several
@@ -114,7 +114,8 @@ def test_kl_is_current_given_initial():
     directions give different δ (checked against the reference loop, which uses kl_div(init, cur))."""
     model, tok = llama()
     cfg = UnlearnConfig.for_model(model, layers=[0, 1], progress=False, v_num_grad_steps=6, v_lr=0.2,
-                                  kl_factor=5.0, v_weight_decay=0.0, clamp_norm_factor=5.0)
+                                  kl_factor=5.0, v_weight_decay=0.0, clamp_norm_factor=5.0,
+                                  targets={"lr_relative": False})
     r = normalize_requests(REQUESTS[:1])
     eos = [continuation_ids(tok, None)]
     got = optimize_deltas(model, tok, r, cfg, TEMPLATES, 1, eos)

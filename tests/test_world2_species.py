@@ -217,6 +217,6 @@ def test_trainer_tag_option_decides_the_preset(tmp_path, tag):
     ucfg = UnlearnConfig.for_model(model)
     if tag:  # the zu-tiny preset: GD, three layers ending at half the depth, 50 target steps
         assert list(ucfg.layers) == [2, 3, 4] and ucfg.method == "gd" and ucfg.targets.steps == 50
-    else:  # the generic Llama defaults: three layers ending at 21/32 of the depth, the paper's 25 steps
+    else:  # the untuned Llama defaults: three layers ending at 21/32 of the depth (two above z), scale-free steps
         assert list(ucfg.layers) == [3, 4, 5] and ucfg.method == "closed_form"
-        assert ucfg.targets.steps == UnlearnConfig().targets.steps
+        assert ucfg.targets.lr_relative and ucfg.targets.steps == 200
