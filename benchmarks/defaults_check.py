@@ -45,7 +45,7 @@ def within_bar(method: str, base: dict, after: dict) -> bool:
 def load(args):
     tl = harness.tinylm_config(args.tinylm) if args.tinylm else None
     if args.world and args.world != "people":
-        from zu_fast.eval import worlds  # the second world (issue 22); absent before it lands
+        from zu_fast.eval import worlds
 
         tl = worlds.tinylm_config(args.world)
     model, tok, world = tinylm.load_or_train(tl, progress=False) if tl else tinylm.load_or_train(progress=False)

@@ -11,9 +11,10 @@ hardware, so it is the primary evidence when two implementations are compared on
 
 - **Forward**: a forward pre-hook on each decoder layer counts every call's tokens: *padded* (batch × sequence,
   what the layer actually computes) and *real* (the attention mask's ones; the model call's mask is read by a
-  pre-hook on the model; with a KV cache the mask covers the cached prefix too, and its last columns count). A layer that starts counts whole, also when the forward is stopped inside it (both
-  sides stop statistics and key readings right after the edited module, the layer's last matrix product). A
-  layer replaced by a stand-in (zu_fast skips the layers below an injection) is not called, so not counted.
+  pre-hook on the model; with a KV cache the mask covers the cached prefix too, and its last columns count).
+  A layer that starts counts whole, also when the forward is stopped inside it (both sides stop statistics
+  and key readings right after the edited module, the layer's last matrix product). A layer replaced by a
+  stand-in (zu_fast skips the layers below an injection) is not called, so not counted.
 - **Backward**: when a layer's input needs a gradient, a hook on that tensor counts the layer's tokens when the
   gradient reaches it, i.e. when autograd has back-propagated through the whole layer. A layer whose input
   needs no gradient (the layer where δ is added, the layers below it) passes a gradient at most along a

@@ -54,13 +54,14 @@ def test_family_end_to_end(family, tmp_path):
 
     stats = zu_fast.collect_stats(model, tok, corpus(24), cfg, cache=False)
     before = _state(model)
-    if family in POST_NORM:
-        with pytest.raises(zu_fast.UnsafeEditError, match="beyond the hard limit") as refused:
-            zu_fast.unlearn(model, tok, REQUESTS[:2], cfg, stats=stats, context_templates=TEMPLATES)
-        assert _same(_state(model), before) and zu_fast.edits(model) == []
-        assert "large_weight_change" in {f["kind"] for f in refused.value.report.flags}
-        cfg = cfg.replace(allow_large_change=True)
-    edit = zu_fast.unlearn(model, tok, REQUESTS[:2], cfg, stats=stats, context_templates=TEMPLATES)
+    # Post-MLP-norm families (Gemma-2/3, OLMo-2): the residual is mapped through the post-MLP norm into the
+    # module's output space, so the solve no longer blows their down projections up by hundreds of norms
+    # (before that mapping these edits were refused by the hard limit).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # two-step targets on a random model: not-converged flags are expected
+        edit = zu_fast.unlearn(model, tok, REQUESTS[:2], cfg, stats=stats, context_templates=TEMPLATES)
+    hard = cfg.safety.max_rel_weight_change * cfg.safety.hard_limit_multiple
+    assert all(r["rel_weight_change"] < hard for r in edit.report.layers.values()), family
     edited = _state(model)
     changed = sorted(k for k in before if not torch.equal(before[k], edited[k]))
     assert changed, "the edit changed nothing"

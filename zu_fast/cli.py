@@ -95,6 +95,8 @@ def _config(model, args):
         overrides["neutral_target"] = args.neutral_target
     if getattr(args, "method", None):
         overrides["method"] = args.method
+    if getattr(args, "fact_token", None):
+        overrides["fact_token"] = args.fact_token
     if getattr(args, "quiet", False):
         overrides["progress"] = False
     if getattr(args, "strict", False):
@@ -180,6 +182,51 @@ def _read_requests(path: str) -> list:
         raise ZuFastError(f"{path}: {e}") from None
 
 
+def _read_retain(path: str, templates: list[str] | None, requests: list) -> list:
+    """``--retain FILE`` (records ``{prompt, subject, target_true}``, plain prompt strings or ``[prompt, answer]``
+    pairs, in .jsonl or a .json list) or ``--retain subject`` with ``--retain-templates``, validated against the
+    forget requests (``zu_fast.method.retain``); errors name the file and line."""
+    from .errors import ZuFastError
+    from .method.retain import retain_prompts
+
+    if path == "subject":
+        return retain_prompts("subject", requests, templates)
+    if templates:
+        raise ZuFastError("--retain-templates goes with --retain subject (the forgotten subjects' other prompts)")
+    p = Path(path)
+    if not p.is_file():
+        raise ZuFastError(f"retain file {path!r} does not exist" if not p.exists() else
+                          f"retain path {path!r} is not a file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ZuFastError(f"{path}: cannot be read ({e})") from None
+    if p.suffix == ".jsonl":
+        items = []
+        for i, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ZuFastError(f"{path}:{i + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ZuFastError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        if isinstance(items, dict):
+            items = [items]
+        if not isinstance(items, list):
+            raise ZuFastError(f"{path}: expected a list of retain records or prompts, found {type(items).__name__}")
+    if not items:
+        raise ZuFastError(f"{path}: no retain records")
+    try:
+        return retain_prompts(items, requests)
+    except ZuFastError as e:
+        raise ZuFastError(f"{path}: {e}") from None
+
+
 def _same_folder(a: str, b: str) -> bool:
     try:
         return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
@@ -249,6 +296,8 @@ def cmd_demo(args) -> int:
     print("zu_fast demo: the project's own small model on a world of fictitious people", flush=True)
     model, tok, world = tinylm.load_or_train(progress=not args.quiet)
     records = world.records(args.n, seed=args.seed)
+    for r in records:  # the forgotten people's other facts, in phrasings never trained with them: Subject-other
+        r["subject_other_prompts"] = [{"prompt": f["text"], "target": f["target"]} for f in world.other_facts(r)]
     cfg = UnlearnConfig.for_model(model, progress=not args.quiet)
     print(f"model ready ({time.perf_counter() - t0:.1f} s): method {cfg.method}, edit layers {cfg.layers}; "
           f"forgetting {len(records)} facts", flush=True)
@@ -329,6 +378,9 @@ def cmd_unlearn(args) -> int:
     if _same_folder(args.out, args.model) or Path(args.out).resolve() == Path(args.model).resolve():
         raise ZuFastError(f"--out {args.out!r} is the source model folder; zu_fast never writes into the model it "
                           "read (choose another folder for the edit)")
+    retain = _read_retain(args.retain, args.retain_templates, requests) if args.retain else None
+    if args.retain_templates and not args.retain:
+        raise ZuFastError("--retain-templates goes with --retain subject (the forgotten subjects' other prompts)")
     check_target(args.out, overwrite=args.overwrite, what="edit")
     if args.save_model:
         _check_model_out(args.save_model, args.model, args.overwrite, "--save-model")
@@ -349,6 +401,10 @@ def cmd_unlearn(args) -> int:
     cfg = _config(model, args)
     edit_targets(model, cfg.layers, cfg.locate)  # layers and module names
     _check_before_work(model, tok, requests, cfg)  # weights finite, requests fit the context
+    if retain:
+        from .method.retain import check_retain
+
+        check_retain(retain, requests, tok, model, cfg.templates.fact_token, reserve=cfg.templates.length + 4)
     if args.corpus:  # collected once, then loaded from the cache (or --stats folder) when it matches
         texts = read_corpus(args.corpus, cfg.stats.n_samples)  # every line checked before the statistics pass
         stats = collect_stats(model, tok, texts, cfg, cache_path=args.stats)
@@ -356,7 +412,7 @@ def cmd_unlearn(args) -> int:
         layers, meta = load_stats(args.stats)
         stats = CorpusStats(layers, meta, args.stats)
         check_stats_for_model(model, cfg, stats)
-    edit = unlearn(model, tok, requests, cfg, stats=stats)
+    edit = unlearn(model, tok, requests, cfg, stats=stats, retain=retain)
     edit.save(args.out, overwrite=args.overwrite)
     print(edit.report)
     print(f"saved edit {edit.id} to {args.out}; apply with zu-fast apply {args.out} --model DIR --out DIR, or "
@@ -510,6 +566,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--stats", help="statistics folder from `zu-fast stats --out`")
     u.add_argument("--method", choices=["closed_form", "gd"], help="ZeroUnlearn (closed form) or ZeroUnlearn-GD")
     u.add_argument("--neutral-target", help="string the model should say instead (default: EOS)")
+    u.add_argument("--retain", metavar="FILE|subject",
+                   help="prompts whose outputs must not change: a .jsonl/.json of {prompt, subject, target_true} "
+                        "records, prompt strings or [prompt, answer] pairs; or 'subject' with --retain-templates "
+                        "(the forgotten subjects' other prompts)")
+    u.add_argument("--retain-templates", nargs="+", metavar="TEMPLATE",
+                   help="with --retain subject: prompts with {} for the subject, e.g. '{} works for' '{} speaks'")
+    u.add_argument("--fact-token", choices=["subject_last", "last"],
+                   help="where keys are read and z is placed: the subject's last token (the paper's default) or the "
+                        "prompt's last token (tells a subject's facts apart in subject-first prompts)")
     u.add_argument("--out", required=True, help="folder for the saved edit")
     u.add_argument("--save-model", help="also save the edited model here (never the source folder)")
     u.add_argument("--strict", action="store_true",

@@ -8,6 +8,9 @@ earlier tokens fed in (teacher forcing). Reported as percentages (0-100).
 - Efficacy ↓       forget prompts that still yield the true answer.
 - Generalization ↓ the same on paraphrased forget prompts (mean over all paraphrase prompts).
 - Specificity ↑    neighbourhood prompts (other subjects) that still yield their own answers.
+- Subject-other ↑  the forgotten subjects' OTHER facts (a record's ``subject_other_prompts``) that still yield
+                   their answers: the collateral loss Specificity, which looks at other people, cannot see (an edit
+                   that turns the person into a stranger forgets every fact about them).
 - PPL ↓            perplexity on held-out generic text.
 - ES / PS ↑        forget / paraphrase prompts where P(neutral target) > P(true answer).
 - NS ↑             neighbourhood prompts where P(true answer) > P(neutral target).
@@ -39,7 +42,7 @@ from .model import model_device
 
 __all__ = ["acceptance_failures", "efficacy", "encode_continuations", "evaluate", "forget_prompt", "format_table",
            "generalization", "pad_id", "perplexity", "probability_scores", "recall", "score_continuations",
-           "specificity", "target_string"]
+           "specificity", "subject_other", "subject_other_pairs", "target_string"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +81,21 @@ def _neighborhood_pairs(records: Sequence[dict]) -> list[tuple[str, str]]:
                 out.append((n, target_string(r["target_true"])))
             else:
                 out.append((n["prompt"], target_string(n.get("target", r["target_true"]))))
+    return out
+
+
+def subject_other_pairs(records: Sequence[dict]) -> list[tuple[str, str]]:
+    """``(prompt, answer)`` of every record's ``subject_other_prompts``: dicts ``{"prompt", "target"}`` (or
+    ``"ground_truth"`` / ``"answer"``) or ``(prompt, answer)`` pairs, prompts with the subject spelled out."""
+    out = []
+    for r in records:
+        for p in r.get("subject_other_prompts", []) or []:
+            if isinstance(p, dict):
+                answer = next((p[k] for k in ("target", "ground_truth", "answer", "target_true") if k in p), None)
+                out.append((p["prompt"], target_string(answer)))
+            else:
+                prompt, answer = p
+                out.append((prompt, target_string(answer)))
     return out
 
 
@@ -210,6 +228,12 @@ def specificity(model, tok, records: Sequence[dict], *, batch_size: int = 32) ->
     return recall(model, tok, _neighborhood_pairs(records), batch_size=batch_size)
 
 
+def subject_other(model, tok, records: Sequence[dict], *, batch_size: int = 32) -> float:
+    """% of the forgotten subjects' other facts (``subject_other_prompts``) still yielding their answers. Higher =
+    less collateral loss on the person; NaN when no record carries such prompts."""
+    return recall(model, tok, subject_other_pairs(records), batch_size=batch_size)
+
+
 @torch.no_grad()
 def perplexity(model, tok, texts: Iterable[str], *, batch_size: int = 16, max_length: int | None = None) -> float:
     """Token-level perplexity exp(total NLL / predicted tokens) over ``texts``.
@@ -285,10 +309,11 @@ def evaluate(
     *,
     batch_size: int = 32,
 ) -> dict[str, float]:
-    """All metrics: efficacy, generalization, specificity, perplexity, es, ps, ns (+ counts).
+    """All metrics: efficacy, generalization, specificity, subject_other, perplexity, es, ps, ns (+ counts).
 
-    Percentages in 0-100; ``perplexity`` is NaN when no held-out texts are given. The model is
-    put in eval mode for the measurement and its previous mode restored.
+    Percentages in 0-100; ``perplexity`` is NaN when no held-out texts are given; ``subject_other`` is present
+    only when some record carries ``subject_other_prompts``. The model is put in eval mode for the measurement
+    and its previous mode restored.
     """
     was_training = getattr(model, "training", False)
     model.eval()
@@ -299,6 +324,8 @@ def evaluate(
             "specificity": specificity(model, tok, records, batch_size=batch_size),
             "perplexity": perplexity(model, tok, heldout_texts or [], batch_size=batch_size),
         }
+        if subject_other_pairs(records):
+            res["subject_other"] = subject_other(model, tok, records, batch_size=batch_size)
         res.update(probability_scores(model, tok, records, neutral_target, batch_size=batch_size))
     finally:
         if was_training:
@@ -306,6 +333,7 @@ def evaluate(
     res["n_records"] = len(records)
     res["n_paraphrase"] = len(_paraphrase_pairs(records))
     res["n_neighborhood"] = len(_neighborhood_pairs(records))
+    res["n_subject_other"] = len(subject_other_pairs(records))
     return res
 
 
@@ -313,6 +341,8 @@ _ROWS = [
     ("efficacy", "Efficacy (%) ↓"),
     ("generalization", "Generalization (%) ↓"),
     ("specificity", "Specificity (%) ↑"),
+    ("subject_other", "Subject-other (%) ↑"),
+    ("retained", "Retain prompts (%) ↑"),
     ("perplexity", "PPL ↓"),
     ("es", "ES: P(neutral)>P(true) (%) ↑"),
     ("ps", "PS: paraphrase (%) ↑"),
@@ -345,6 +375,8 @@ def format_table(before: dict, after: dict) -> str:
         if key not in before and key not in after:
             continue
         b, a = before.get(key, float("nan")), after.get(key, float("nan"))
+        if key in ("subject_other", "retained") and b != b and a != a:  # NaN: no such prompts were given
+            continue
         digits = 3 if key == "perplexity" else 1
         lines.append(f"| {label} | {b:.{digits}f} | {a:.{digits}f} | {a - b:+.{digits}f} |")
     return "\n".join(lines)

@@ -3,7 +3,9 @@
     unl = zu_fast.Unlearner(model, tok, cfg, corpus="wiki.txt")       # or stats=collect_stats(...)
     res = unl.forget(prompts=["Alice Morvan was born in"], subjects=["Alice Morvan"],
                      ground_truth=["Lisbon"], paraphrases=[["Alice Morvan's birthplace is"]],
-                     neighbours=[("Bob Kestrel was born in", "Oslo")])
+                     neighbours=[("Bob Kestrel was born in", "Oslo")],
+                     retain=[("Alice Morvan works for", "Acme")],          # must not change (optional)
+                     subject_other=[("Alice Morvan's employer is", "Acme")])  # measured, never retained
     print(res)            # the metrics on the given prompts, before and after
     res.edit.restore()    # bit-identical original weights
 
@@ -34,6 +36,7 @@ class ForgetResult:
     edit: Edit
     requests: list[UnlearnRequest]
     records: list[dict[str, Any]] = field(repr=False)
+    retain: list[Any] = field(default_factory=list, repr=False)  # the retain prompts used (method.retain)
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
 
@@ -59,23 +62,23 @@ def _as_list(x: Any, n: int | None, name: str) -> list[Any]:
 
 
 def _pair(item: Any, where: str) -> dict[str, str]:
-    """A neighbour as ``{"prompt", "target"}`` from a (prompt, answer) pair or a dict."""
+    """A neighbour (or Subject-other prompt) as ``{"prompt", "target"}`` from a (prompt, answer) pair or a dict."""
     if isinstance(item, Mapping):
         answer = next((item[k] for k in ("target", "ground_truth", "answer", "target_true") if k in item), None)
         prompt = item.get("prompt")
     elif isinstance(item, (tuple, list)) and len(item) == 2:
         prompt, answer = item
     else:
-        raise ZuFastError(f"{where}: a neighbour is a (prompt, answer) pair or a dict with 'prompt' and "
+        raise ZuFastError(f"{where}: expected a (prompt, answer) pair or a dict with 'prompt' and "
                           f"'ground_truth'/'target', got {item!r}")
     if isinstance(answer, Mapping):
         answer = answer.get("str")
     if not isinstance(prompt, str) or not isinstance(answer, str) or not prompt or not answer:
-        raise ZuFastError(f"{where}: a neighbour needs a non-empty prompt and answer, got {item!r}")
+        raise ZuFastError(f"{where}: needs a non-empty prompt and answer, got {item!r}")
     return {"prompt": prompt, "target": answer}
 
 
-def _neighbour_lists(neighbours: Any, n: int) -> list[list[dict[str, str]]]:
+def _neighbour_lists(neighbours: Any, n: int, name: str = "neighbours") -> list[list[dict[str, str]]]:
     """Per request: its neighbours. Accepts one list per request, one shared list (kept with the
     first request: the metrics pool all neighbours anyway) or EasyEdit's ``{"prompt": [...],
     "ground_truth": [...]}``."""
@@ -84,14 +87,14 @@ def _neighbour_lists(neighbours: Any, n: int) -> list[list[dict[str, str]]]:
     if isinstance(neighbours, Mapping) and "prompt" in neighbours and not isinstance(neighbours["prompt"], str):
         answers = neighbours.get("ground_truth", neighbours.get("target"))
         if answers is None or len(answers) != len(neighbours["prompt"]):
-            raise ZuFastError("neighbours: {'prompt': [...], 'ground_truth': [...]} needs one answer per prompt")
+            raise ZuFastError(f"{name}: {{'prompt': [...], 'ground_truth': [...]}} needs one answer per prompt")
         neighbours = list(zip(neighbours["prompt"], answers))
     neighbours = list(neighbours)
     per_request = len(neighbours) == n and all(
         isinstance(x, list) and all(not isinstance(y, str) for y in x) for x in neighbours)
     if per_request:
-        return [[_pair(y, f"neighbours[{i}]") for y in x] for i, x in enumerate(neighbours)]
-    shared = [_pair(y, "neighbours") for y in neighbours]
+        return [[_pair(y, f"{name}[{i}]") for y in x] for i, x in enumerate(neighbours)]
+    shared = [_pair(y, name) for y in neighbours]
     return [shared] + [[] for _ in range(n - 1)]
 
 
@@ -192,6 +195,7 @@ class Unlearner:
                answers: str | Sequence[str] | None = None, *, ground_truth: str | Sequence[str] | None = None,
                target_true: str | Sequence[str] | None = None, requests: Any = None,
                paraphrases: Any = None, neighbours: Any = None, neighbors: Any = None,
+               retain: Any = None, retain_templates: Sequence[str] | None = None, subject_other: Any = None,
                evaluate: bool = True) -> ForgetResult:
         """Forget the facts ``prompt → answer`` (edits the model in place) and measure it.
 
@@ -202,11 +206,20 @@ class Unlearner:
         - ``neighbours`` (or ``neighbors``): facts that must survive, as ``(prompt, answer)`` pairs
           or ``{"prompt", "ground_truth"}`` dicts: one shared list, one list per prompt, or
           EasyEdit's ``{"prompt": [...], "ground_truth": [...]}`` (specificity).
+        - ``retain``: prompts whose outputs must not change (``zu_fast.method.retain``): records
+          ``{"prompt", "subject", "target_true"}``, plain prompts or ``(prompt, answer)`` pairs, or
+          ``"subject"`` with ``retain_templates=["{} works for", ...]`` (the forgotten subjects' other
+          prompts). Those with an answer are also measured ("Retain prompts").
+        - ``subject_other``: the forgotten subjects' other facts to measure the collateral loss on
+          ("Subject-other"), in the shapes ``neighbours`` takes. Give prompts the edit did not retain:
+          a retained prompt measures the retain term, not the person.
 
         Returns a :class:`ForgetResult` with the edit and the metrics (efficacy, generalization,
-        specificity, ES/PS/NS, perplexity when the Unlearner has ``heldout_texts``) before and after.
+        specificity, Subject-other, ES/PS/NS, perplexity when the Unlearner has ``heldout_texts``)
+        before and after.
         """
         from . import metrics
+        from .method.retain import retain_prompts
         from .method.unlearn import unlearn
 
         if neighbours is not None and neighbors is not None:
@@ -216,18 +229,26 @@ class Unlearner:
         # per-request paraphrase/neighbour lists follow the requests as given; a dropped duplicate drops its lists
         paras = _paraphrase_lists(paraphrases, len(given))
         neigh = _neighbour_lists(neighbours if neighbours is not None else neighbors, len(given))
+        others = _neighbour_lists(subject_other, len(given), "subject_other")
         reqs = normalize_requests(given)
         where = {id(r): i for i, r in enumerate(given)}
         paras, neigh = [paras[where[id(r)]] for r in reqs], [neigh[where[id(r)]] for r in reqs]
+        others = [others[where[id(r)]] for r in reqs]
+        keep = retain_prompts(retain, reqs, retain_templates)  # validated before any work
         records = [{"prompt": r.prompt, "subject": r.subject, "target_true": r.target_true, "case_id": r.case_id,
-                    "paraphrase_prompts": p, "neighborhood_prompts": n} for r, p, n in zip(reqs, paras, neigh)]
+                    "paraphrase_prompts": p, "neighborhood_prompts": n, "subject_other_prompts": o}
+                   for r, p, n, o in zip(reqs, paras, neigh, others)]
+        kept_pairs = [rp.pair() for rp in keep if rp.pair() is not None]
         stats = self._get_stats()
 
         def measure() -> dict[str, float]:
-            return metrics.evaluate(self.model, self.tok, records, self.heldout_texts,
-                                    neutral_target=self.config.neutral_target)
+            res = metrics.evaluate(self.model, self.tok, records, self.heldout_texts,
+                                   neutral_target=self.config.neutral_target)
+            if kept_pairs:
+                res["retained"] = metrics.recall(self.model, self.tok, kept_pairs)
+            return res
 
         before = measure() if evaluate else {}
-        edit = unlearn(self.model, self.tok, reqs, self.config, stats=stats)
+        edit = unlearn(self.model, self.tok, reqs, self.config, stats=stats, retain=keep or None)
         after = measure() if evaluate else {}
-        return ForgetResult(edit=edit, requests=reqs, records=records, before=before, after=after)
+        return ForgetResult(edit=edit, requests=reqs, records=records, retain=keep, before=before, after=after)

@@ -155,6 +155,8 @@ class ZeroUnlearnHyperParams:
     forget_weight_fk: float | None = None
     forget_weight_fv: float | None = None
     forget_leverage: float | None = None
+    retain_weight_rk: float | None = None  # weights of a retain set (zu_fast's retain=; unused without one)
+    retain_weight_rv: float | None = None
     regularization_lam: float | None = None
     centered_cross_moment: bool | None = None
     projector_eps: float | None = None

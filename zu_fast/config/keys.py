@@ -31,6 +31,7 @@ FLAT: dict[str, tuple[str | None, str]] = {
     "context_template_prompts": ("templates", "prompts"),
     "context_template_length": ("templates", "length"),
     "context_template_seed": ("templates", "seed"),
+    "fact_token": ("templates", "fact_token"),  # the reference's (ROME's) name
     # step 2
     "v_num_grad_steps": ("targets", "steps"),
     "v_lr": ("targets", "lr"),
@@ -63,6 +64,10 @@ FLAT: dict[str, tuple[str | None, str]] = {
     "forget_KKT_lam": ("closed_form", "forget_weight_k"),
     "forget_VKT_lam": ("closed_form", "forget_weight_v"),
     "forget_leverage": ("closed_form", "forget_leverage"),
+    "retain_weight_rk": ("closed_form", "retain_weight_k"),
+    "retain_weight_rv": ("closed_form", "retain_weight_v"),
+    "retain_KKT_lam": ("closed_form", "retain_weight_k"),
+    "retain_VKT_lam": ("closed_form", "retain_weight_v"),
     "regularization_lam": ("closed_form", "regularization"),
     "centered_cross_moment": ("closed_form", "centered_cross_moment"),
     "closed_form": ("closed_form", "solver"),  # the flat name of the solver ("fast" / "exact")
@@ -76,6 +81,7 @@ FLAT: dict[str, tuple[str | None, str]] = {
     "gd_orth_weight": ("gd", "orth_weight"),
     "gd_remap_weight": ("gd", "remap_weight"),
     "gd_norm_weight": ("gd", "norm_weight"),
+    "gd_retain_weight": ("gd", "retain_weight"),
     "gd_tol": ("gd", "tol"),
     "gd_window": ("gd", "window"),
     "gd_precision": ("gd", "precision"),
@@ -105,12 +111,6 @@ def _nullspace_threshold(v: Any) -> tuple[dict[str, Any], str]:
                                          "zu_fast uses too (gd.null_threshold=0.01)")
 
 
-def _fact_token(v: Any) -> tuple[dict[str, Any], None]:
-    if v != "subject_last":
-        raise ZuFastError(f"fact_token={v!r}: zu_fast reads keys at the subject's last token ('subject_last') only")
-    return {}, None
-
-
 def _layer_selection(v: Any) -> tuple[dict[str, Any], None]:
     if v != "all":
         raise ZuFastError(f"layer_selection={v!r}: zu_fast edits every listed layer ('all') only")
@@ -120,7 +120,6 @@ def _layer_selection(v: Any) -> tuple[dict[str, Any], None]:
 # Reference keys that need a rule: key → function(value) → (flat fields, why-no-effect or None).
 REFERENCE_RULES: dict[str, Any] = {
     "nullspace_threshold": _nullspace_threshold,
-    "fact_token": _fact_token,
     "layer_selection": _layer_selection,
     # MEMIT / AlphaEdit / ROME names
     "mom2_update_weight": lambda v: ({"mom2_update_weight_wk": float(v), "mom2_update_weight_wv": float(v)}, None),
@@ -144,8 +143,6 @@ NO_EFFECT: dict[str, str] = {
     "mom2_adjustment": "",  # a ROME/MEMIT switch; ZeroUnlearn always uses the statistics
     "seed": "",  # an UnlearnConfig field before 2026-12-03 that nothing read (saved edits carry it)
     "L2": "read by no ZeroUnlearn code path of the reference (λ is regularization_lam)",
-    "retain_KKT_lam": "read by no code path of the reference (retain records are only appended to the corpus)",
-    "retain_VKT_lam": "read by no code path of the reference (retain records are only appended to the corpus)",
     "context_template_length_params": "zu_fast generates one 10-token template per prompt, as the reference does",
     "max_length": "statistics truncate texts to stats_max_length (and the model's context)",
     # EasyEdit / MEMIT bookkeeping: where things live, not what the method computes

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, fields
 from ..errors import ZuFastError
 from ..model.locate import Locate
 
-__all__ = ["ClosedForm", "GD", "Locate", "Representation", "Runtime", "Safety", "Stats", "Targets", "Templates",
-           "SECTIONS", "check_choice", "check_positive"]
+__all__ = ["FACT_TOKENS", "ClosedForm", "GD", "Locate", "Representation", "Runtime", "Safety", "Stats", "Targets",
+           "Templates", "SECTIONS", "check_choice", "check_positive"]
 
 
 def check_choice(section: str, obj: object, name: str, allowed: tuple) -> None:
@@ -30,15 +30,25 @@ def check_positive(section: str, obj: object, *names: str) -> None:
             raise ZuFastError(f"config.{section}.{name} must be positive, got {value!r}")
 
 
+FACT_TOKENS = ("subject_last", "last")
+
+
 @dataclass
 class Templates:
-    """Step 0: context templates, one short generation per prompt, used as ``"<generated>. {}"``."""
+    """Steps 0–1: the prompts each request is read in — context templates, one short generation per prompt, used
+    as ``"<generated>. {}"`` — and the token of those prompts where keys are read and z is placed."""
 
     prompts: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     length: int = 10  # tokens generated per context template
     seed: int = 0
+    # Where in each prompt the keys are read (step 1), δ is placed (steps 2–3) and z is measured: "subject_last"
+    # (the paper's, ROME's ``fact_token``) or "last", the prompt's last token. In a subject-first prompt ("X was
+    # born in") the subject's last token cannot see the relation (causal attention), so every fact of X shares one
+    # key there; at the last token the key knows which fact is asked (docs/design-notes.md, "Retain set").
+    fact_token: str = "subject_last"
 
     def validate(self) -> None:
+        check_choice("templates", self, "fact_token", FACT_TOKENS)
         self.prompts = list(self.prompts)
         if not all(isinstance(p, str) for p in self.prompts):
             raise ZuFastError(f"config.templates.prompts must be strings, got {self.prompts!r}")
@@ -68,6 +78,11 @@ class Targets:
     # (the KL term always from the model's own logits). None or the last layer: the model's own logits. Only
     # Qwen3-4B's reference file names a layer below the top (31 of 36), kept for fidelity.
     loss_layer: int | None = None
+    # True: δ starts from what removing the z layer's original representation (its clean MLP output's components
+    # along their basis) does to the stream, and moves only orthogonally to that basis, so the target is reachable
+    # by an edit whose new output is orthogonal to the original one (docs/algorithm.md, step 2). False: the
+    # reference's free δ from 0, whose target the closed form's projector may pull the edit away from.
+    orthogonal: bool = False
     # Requests whose target loss stays above this after the optimisation are reported as not converged
     # (a warning and ``edit.report.flags``): their neutral target is not the model's likely continuation.
     warn_loss: float = 0.7
@@ -130,6 +145,14 @@ class ClosedForm:
     # requests' mean leverage — the fraction of each residual the edit realises against the corpus term,
     # method/leverage.py — reaches this. None: the weights as set.
     forget_leverage: float | None = None
+    # λ_rK, λ_rV (the reference's retain_KKT_lam / retain_VKT_lam, which its code never reads): the weight of each
+    # retain record's demand D W k_r = W k_r (its output unchanged), used only when unlearn() gets retain records.
+    # When the leverage rule raises the forget weights it raises these by the same factor (the configured
+    # retain : forget ratio is kept). 5 = a tenth of a forget request's λ_f = 50: on the small model a retain record
+    # weighing as much as a forget request kept the subject's other facts but cost the forgotten fact's paraphrases
+    # 20–30 points of Generalization (docs/design-notes.md, "Retain set").
+    retain_weight_k: float = 5.0
+    retain_weight_v: float = 5.0
     regularization: float = 1.0  # λ (regularization_lam)
     # X = (1/(n−1)) Σ v kᵀ (uncentred, what the reference computes: its running-mean merge shrinks the means to
     # ~0); True: the exactly centred (1/(n−1)) Σ (v−μ_v)(k−μ_k)ᵀ its code was written for.
@@ -152,6 +175,10 @@ class ClosedForm:
                               f"got {self.forget_leverage}")
         if self.regularization < 0:
             raise ZuFastError(f"config.closed_form.regularization must be ≥ 0, got {self.regularization}")
+        for name in ("retain_weight_k", "retain_weight_v"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ZuFastError(f"config.closed_form.{name} must be a number ≥ 0, got {value!r}")
 
 
 @dataclass
@@ -167,6 +194,10 @@ class GD:
     orth_weight: float = 1.0
     remap_weight: float = 100.0
     norm_weight: float = 0.1
+    # Weight of ‖ΔW K_r‖², the change of the retain records' outputs (used only when unlearn() gets retain records;
+    # per record it weighs like the remap term's per-request weight at the same value: 5 is a twentieth of it, the
+    # balance of Generalization and Subject-other measured on the small model; docs/design-notes.md, "Retain set").
+    retain_weight: float = 5.0
     # Early stop: relative loss decrease < tol over `window` steps (0: run all steps). Chosen so that the results
     # match the full-length dense reference within the tests' tolerance (tests/test_gd.py, benchmarks/gd_speed.py).
     tol: float = 1e-4
@@ -180,6 +211,9 @@ class GD:
         check_choice("gd", self, "precision", ("fp32", "fp64"))
         check_choice("gd", self, "variable", ("dense", "null"))
         check_positive("gd", self, "window")
+        if isinstance(self.retain_weight, bool) or not isinstance(self.retain_weight, (int, float)) \
+                or not self.retain_weight >= 0:
+            raise ZuFastError(f"config.gd.retain_weight must be a number ≥ 0, got {self.retain_weight!r}")
         if self.null_energy is not None and not 0.0 < float(self.null_energy) < 1.0:
             raise ZuFastError(f"config.gd.null_energy must be in (0, 1) (a fraction of tr C), got {self.null_energy}")
 

@@ -52,7 +52,10 @@ METRICS = [  # key, column label, digits
     ("efficacy", "Eff ↓", 1),
     ("generalization", "Gen ↓", 1),
     ("specificity", "Spe ↑", 1),
+    ("subject_other", "Subj-other ↑", 1),
     ("perplexity", "PPL ↓", 3),
+    ("relearn_same_subject_back", "RL@20 same % back ↓", 0),
+    ("relearn_unrelated_back", "RL@20 unrel. % back ↓", 0),
     ("es", "ES ↑", 1),
     ("ps", "PS ↑", 1),
     ("ns", "NS ↑", 1),
@@ -62,6 +65,13 @@ METRICS = [  # key, column label, digits
 
 DEFAULT_METHODS = "zeroUnlearn,gd,ga,npo,ft,alphaedit"
 DEFAULT_N = "10,50"
+# Relearning in the default table: fine-tuning steps on texts that never state a forgotten fact (eval/probes.py,
+# relearn_probe), and the Efficacy gap below which "% back" is not reported (one record of ten moves it 100 points).
+RELEARN_KINDS = ("same_subject", "unrelated")
+RECOVERY_MIN_GAP = 30.0
+# Retain prompts per other relation of a forgotten subject (--retain subject): its first trained phrasings; the
+# Subject-other column measures its held-out phrasings, which the retain set never contains.
+RETAIN_PER_RELATION = 2
 
 
 def _ints(s: str, what: str = "--n", least: int = 1) -> list[int]:
@@ -107,14 +117,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdamW learning rate of GA / NPO / FT (default: BaselineHParams.lr)")
     p.add_argument("--baseline-epochs", type=int, default=None,
                    help="passes over the forget set for GA / NPO / FT (default: BaselineHParams.epochs)")
+    from zu_fast.eval.worlds import WORLDS
+
+    p.add_argument("--world", default="people", choices=sorted(WORLDS),
+                   help="the synthetic world and its small model (zu_fast.eval.worlds): people (default; every "
+                        "default was tuned here) or species (for checking only: another generator, an untagged "
+                        "8-layer model that gets the generic for_model defaults; docs/second-world.md)")
     p.add_argument("--tinylm", default=None, metavar="JSON",
-                   help="TinyLMConfig overrides for the small model as JSON, e.g. "
+                   help="TinyLMConfig overrides for the --world's small model as JSON, e.g. "
                         '\'{"steps": 500, "world": {"n_people": 120}}\' (default: the default small model)')
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--probes", default=None, metavar="LIST",
                    help="robustness probes after each edit (zu_fast.eval.probes): comma-separated from quant, relearn, "
                         "lens, generate, multihop, or 'all'; writes robustness.{md,json,png} beside the quality table")
+    p.add_argument("--relearn-steps", type=int, default=20, metavar="K",
+                   help="relearning in the quality table: K fine-tuning steps on the forgotten subjects' other facts "
+                        "and on unrelated facts, reported as %% of the forgotten facts back (0: off; default 20)")
+    p.add_argument("--retain", default=None, choices=["subject"],
+                   help="zeroUnlearn and gd get a retain set: 'subject' = the forgotten subjects' other facts in their "
+                        f"first {RETAIN_PER_RELATION} trained phrasings per relation (Subject-other is measured on "
+                        "their held-out phrasings, never retained)")
     p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
                    help="merge the results.json of several runs (e.g. one process per --n) into one quality table "
                         "and one robustness table under --out; nothing is run")
@@ -125,16 +148,14 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- running ------
 
 
-def tinylm_config(spec: str | None):
-    """A TinyLMConfig from a JSON string of overrides (``world`` nested), or None for the default."""
-    if not spec:
+def tinylm_config(spec: str | None, world: str = "people"):
+    """The named world's TinyLMConfig with a JSON string of overrides (``world`` nested) applied, or None
+    for the default small model (the people world, no overrides)."""
+    if not spec and world == "people":
         return None
-    from zu_fast.eval.synthetic import WorldConfig
-    from zu_fast.eval.tinylm import TinyLMConfig
+    from zu_fast.eval import worlds
 
-    kw = json.loads(spec)
-    world = kw.pop("world", None)
-    return TinyLMConfig(world=WorldConfig(**(world or {})), **kw)
+    return worlds.tinylm_config(world, json.loads(spec) if spec else None)
 
 
 class _Runner:
@@ -146,7 +167,7 @@ class _Runner:
 
         self.log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
         t0 = time.perf_counter()
-        self.tinylm_config = tinylm_config(args.tinylm)
+        self.tinylm_config = tinylm_config(args.tinylm, args.world)
         if self.tinylm_config is None:
             self.model, self.tok, self.world = tinylm.load_or_train(progress=not args.quiet)
         else:
@@ -156,25 +177,37 @@ class _Runner:
         if args.gd_steps is not None:
             overrides["gd_steps"] = args.gd_steps
         self.cfg = zu_fast.UnlearnConfig.for_model(self.model, **overrides)
+        # zeroUnlearn and gd: each method's own preset (for_model(method=...): the closed form without the GD
+        # retry), or the --config / --preset given (with its "-gd" twin for the other method when there is one)
+        self.method_cfg = _method_configs(self.model, args, overrides)
+        self.retain = args.retain
+        self.relearn_steps = args.relearn_steps
         from zu_fast.eval.baselines import BaselineHParams
 
         hp_over = {k: v for k, v in (("lr", args.baseline_lr), ("epochs", args.baseline_epochs)) if v is not None}
         self.baseline_hparams = BaselineHParams(**hp_over)
-        self.stats = zu_fast.collect_stats(self.model, self.tok, self.world.training_texts(), self.cfg)
+        # one statistics pass for every layer any method edits (a --preset may edit other layers than for_model)
+        edited = sorted(set(self.cfg.layers).union(*(c.layers for c in self.method_cfg.values())))
+        self.stats = zu_fast.collect_stats(self.model, self.tok, self.world.training_texts(),
+                                           self.cfg.replace(layers=edited))
         self.setup_seconds = time.perf_counter() - t0
         self.max_n = len(self.world.people) // 2
         # every parameter any method may touch: the edited layers' MLPs (checked after each restore)
         module = self.cfg.locate.rewrite_module
-        prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in self.cfg.layers)
+        prefixes = tuple(module.format(layer).rsplit(".", 1)[0] + "." for layer in edited)
         self.watch = {n: p.detach().clone() for n, p in self.model.named_parameters() if n.startswith(prefixes)}
         self.meta = {
             "model": "tinylm " + str(getattr(tinylm, "CODE_VERSION", "")),
+            "world": args.world,
             "model_params": sum(p.numel() for p in self.model.parameters()),
             "layers": list(self.cfg.layers),
             "stats_tokens": self.stats[self.cfg.layers[0]].n,
             "stats_path": self.stats.path,
             "setup_seconds": round(self.setup_seconds, 2),
             "config": self.cfg.to_dict(),
+            "method_configs": {m: c.to_dict() for m, c in self.method_cfg.items()},
+            "retain": args.retain,
+            "relearn_steps": args.relearn_steps,
             "baseline_hparams": dataclasses.asdict(self.baseline_hparams),
         }
         try:
@@ -191,18 +224,36 @@ class _Runner:
         if bad:
             raise RuntimeError(f"restore was not exact for {bad[:3]}")
 
+    def records(self, n: int, seed: int) -> list[dict]:
+        """The world's forget records with their subjects' other facts in held-out phrasings
+        (``subject_other_prompts``, the Subject-other metric)."""
+        recs = self.world.records(n, seed)
+        for r in recs:
+            r["subject_other_prompts"] = [{"prompt": f["text"], "target": f["target"]}
+                                          for f in self.world.other_facts(r, "heldout")]
+        return recs
+
+    def retain_records(self, records: list[dict]) -> list[dict] | None:
+        """``--retain subject``: the forgotten subjects' other facts in trained phrasings (never the held-out
+        ones Subject-other measures)."""
+        if self.retain != "subject":
+            return None
+        return [{"prompt": f["prompt"], "subject": f["subject"], "target_true": f["target"]}
+                for r in records for f in self.world.other_facts(r, "train", RETAIN_PER_RELATION)]
+
     def run(self, method: str, records: list[dict]) -> dict[str, Any]:
         """Unlearn ``records`` with ``method`` (timed), evaluate, restore; returns a result row."""
         import zu_fast
         from zu_fast import metrics
         from zu_fast.eval import baselines
 
+        retain = self.retain_records(records) if method in ("zeroUnlearn", "gd") else None
         t0, c0 = time.perf_counter(), time.process_time()
         edit = None
         report: dict[str, Any] = {}
         if method == "zeroUnlearn" or method == "gd":
-            cfg = self.cfg.replace(method="gd" if method == "gd" else "closed_form")
-            edit = zu_fast.unlearn(self.model, self.tok, records, cfg, stats=self.stats)
+            edit = zu_fast.unlearn(self.model, self.tok, records, self.method_cfg[method], stats=self.stats,
+                                   retain=retain)
             report = edit.report.to_dict()
         elif method != "base":
             edit = baselines.run_baseline(method, self.model, self.tok, records, self.cfg, self.stats,
@@ -213,6 +264,16 @@ class _Runner:
         try:
             res = metrics.evaluate(self.model, self.tok, records, self.world.heldout_texts(),
                                    neutral_target=self.cfg.neutral_target)
+            if retain:
+                res["retained"] = metrics.recall(self.model, self.tok,
+                                                 [(r["prompt"].format(r["subject"]), r["target_true"]) for r in retain])
+            if self.relearn_steps > 0:  # relearning in the default table (restores the weights it trains)
+                from zu_fast.eval import probes
+
+                texts = {k: probes.relearn_texts(self.world, records, k) for k in RELEARN_KINDS}
+                rl = probes.relearn_probe(self.model, self.tok, records, texts, steps=(self.relearn_steps,))
+                for kind in RELEARN_KINDS:
+                    res[f"relearn_{kind}_eff"] = rl[kind][self.relearn_steps]["efficacy"]
             if self.probes:  # issue 18: attacks on the edited model (they restore what they change)
                 from zu_fast.eval import probes
 
@@ -225,6 +286,27 @@ class _Runner:
         self._check_restored()
         return {**res, "seconds": seconds if method != "base" else 0.0,
                 "cpu_seconds": cpu if method != "base" else 0.0, "report": report}
+
+
+def with_recovery(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with ``relearn_<kind>_back``: the % of the forgotten facts relearning brought back,
+    (Eff after relearning − Eff after the edit) / (Eff of the unedited model − Eff after the edit), against the
+    same (n, seed)'s base row; NaN where the edit removed less than ``RECOVERY_MIN_GAP`` points."""
+    base = {(r["n"], r["seed"]): r for r in rows if r.get("method") == "base" and "error" not in r}
+    out = []
+    for r in rows:
+        b = base.get((r.get("n"), r.get("seed")))
+        if "error" in r or b is None:
+            out.append(r)
+            continue
+        r = dict(r)
+        gap = float(b["efficacy"]) - float(r["efficacy"])
+        for kind in RELEARN_KINDS:
+            eff = r.get(f"relearn_{kind}_eff")
+            if eff is not None and r.get("method") != "base":
+                r[f"relearn_{kind}_back"] = 100.0 * (eff - r["efficacy"]) / gap if gap >= RECOVERY_MIN_GAP else math.nan
+        out.append(r)
+    return out
 
 
 def _aggregate(rows: list[dict[str, Any]], metrics: list[tuple[str, str, int]] | None = None) -> list[dict[str, Any]]:
@@ -384,17 +466,25 @@ def _write(out: Path, args, runner: _Runner, methods: list[str], ns: list[int], 
            skipped: list[int], rows: list[dict[str, Any]], final: bool) -> tuple[str, list[dict]]:
     """Write results.{md,json} (and the PNG when ``final``); called after every record set so partial
     results survive an interrupted run."""
-    aggs = _aggregate(rows)
+    aggs = _aggregate(with_recovery(rows))
     stem = "sweep" if args.sweep else "results"
     table = markdown_table(aggs, methods)
     env = _environment()
     header = [f"# zu-fast eval ({'sample-size sweep' if args.sweep else 'method comparison'})", "",
-              f"Small model: {runner.meta['model_params']:,} parameters, edited layers {runner.meta['layers']}, "
+              f"World: {runner.meta['world']}. Small model: {runner.meta['model_params']:,} parameters, edited "
+              f"layers {runner.meta['layers']}, "
               f"statistics over {runner.meta['stats_tokens']:,} tokens. Device: {env['device']} "
               f"({env['cpu']}, {env['threads']} threads), torch {env['torch']}. Seeds {seeds}; mean ± std over "
-              "seeds. Eff/Gen/Spe: % of prompts whose answer is still the teacher-forced argmax; time = wall "
+              "seeds. Eff/Gen/Spe: % of prompts whose answer is still the teacher-forced argmax; Subj-other: "
+              "the same on the forgotten subjects' other facts in held-out phrasings; RL@k % back: forgotten facts "
+              f"brought back by {runner.relearn_steps} AdamW steps (lr 1e-4, all parameters) on the forgotten "
+              "subjects' other facts (same) or on other people's facts (unrel.), as % of what the edit removed "
+              f"('–' where it removed < {RECOVERY_MIN_GAP:.0f} points); time = wall "
               "seconds of the unlearning call (evaluation excluded) on a shared machine. GA/NPO/FT: AdamW lr "
-              f"{runner.baseline_hparams.lr:g}, {runner.baseline_hparams.epochs} epochs.", ""]
+              f"{runner.baseline_hparams.lr:g}, {runner.baseline_hparams.epochs} epochs."
+              + (" zeroUnlearn and gd with a retain set: the forgotten subjects' other facts in their first "
+                 f"{RETAIN_PER_RELATION} trained phrasings per relation." if runner.retain else "")
+              + (f" Config: {args.config or args.preset}." if (args.config or args.preset) else ""), ""]
     if skipped:
         header += [f"Skipped n={skipped}: the world has {len(runner.world.people)} people, so at most "
                    f"{runner.max_n} forget records.", ""]
@@ -438,7 +528,7 @@ def merge_runs(json_paths: Sequence[str | Path], out: str | Path, *, plot: bool 
         raise ZuFastError("merge_runs: no runs in the given results.json files")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    quality = markdown_table(_aggregate(rows), methods)
+    quality = markdown_table(_aggregate(with_recovery(rows)), methods)
     (out / "results.md").write_text("# zu-fast eval (merged runs)\n\n" + "\n".join(headers) + "\n\n" + quality + "\n")
     from .probes import write_robustness
 
@@ -496,11 +586,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[int], list[int] | None]
     if args.preset and args.preset.lower() not in {p.lower() for p in UnlearnConfig.presets()}:
         raise ZuFastError(f"--preset {args.preset!r}: no such preset; shipped presets: {UnlearnConfig.presets()}")
     if not args.dataset:
-        for flag in ("model", "corpus", "ppl_text", "snippets", "tfidf", "kind", "config", "preset"):
+        for flag in ("model", "corpus", "ppl_text", "snippets", "tfidf", "kind"):
             if getattr(args, flag, None):
                 raise ZuFastError(f"--{flag.replace('_', '-')} is an option of the dataset mode: give --dataset FILE "
                                   "too (without it zu-fast eval runs the small model's synthetic world)")
         return seeds, ns
+    if getattr(args, "retain", None):
+        raise ZuFastError("--retain subject builds the retain set from the synthetic world's other facts; the dataset "
+                          "mode has none (CounterFact holds one record for most subjects); run it without --dataset")
     from zu_fast.eval import datasets
     from zu_fast.stats.corpus import read_corpus
 
@@ -577,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for n in ns:
         for seed in seeds:
-            records = runner.world.records(n, seed)
+            records = runner.records(n, seed)
             for method in methods:
                 runner.log(f"[zu-fast eval] n={n} seed={seed} {method} ...")
                 try:
@@ -587,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"method": method, "n": n, "seed": seed, "error": repr(e)})
                     continue
                 rows.append({"method": method, "n": n, "seed": seed, **res})
-                runner.log("  " + ", ".join(f"{k} {res[k]:.4g}" for k, _, _ in METRICS)
+                runner.log("  " + ", ".join(f"{k} {res[k]:.4g}" for k, _, _ in METRICS if k in res)
                            + (f" | phases {res['report'].get('timings')}" if res["report"].get("timings") else ""))
             _write(out, args, runner, methods, ns, seeds, skipped, rows, final=False)
     table, failures = _write(out, args, runner, methods, ns, seeds, skipped, rows, final=True)
@@ -610,6 +703,7 @@ DATASET_METRICS = [  # key, column label, digits
     ("efficacy", "Eff ↓", 2),
     ("generalization", "Gen ↓", 2),
     ("specificity", "Spe ↑", 2),
+    ("subject_other", "Subj-other ↑", 2),
     ("perplexity", "PPL ↓", 3),
     ("es", "ES ↑", 1),
     ("ps", "PS ↑", 1),
@@ -638,8 +732,10 @@ def _add_dataset_arguments(p: argparse.ArgumentParser) -> None:
                    help="held-out text for perplexity (default for the small model: its held-out texts)")
     g.add_argument("--device", default=None, help="device for --model (default: the accelerator if any, else cpu)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="dtype for --model")
-    g.add_argument("--config", default=None, metavar="JSON", help="UnlearnConfig JSON or a reference hparams file")
-    g.add_argument("--preset", default=None, help="a named preset (UnlearnConfig.preset); default: for_model")
+    g.add_argument("--config", default=None, metavar="JSON",
+                   help="UnlearnConfig JSON or a reference hparams file (also without --dataset, for zeroUnlearn/gd)")
+    g.add_argument("--preset", default=None,
+                   help="a named preset (UnlearnConfig.preset; also without --dataset); default: for_model")
     g.add_argument("--neutral-target", default=None,
                    help="neutral target for the methods and for ES/PS/NS (default: the config's for the methods, "
                         "each record's target_new for ES/PS/NS)")
@@ -727,7 +823,7 @@ class _DatasetRunner:
         else:
             from zu_fast.eval import tinylm
 
-            cfg_tiny = tinylm_config(args.tinylm)
+            cfg_tiny = tinylm_config(args.tinylm, args.world)
             if cfg_tiny is None:
                 self.model, self.tok, world = tinylm.load_or_train(progress=not args.quiet)
             else:
@@ -751,12 +847,8 @@ class _DatasetRunner:
         # zeroUnlearn and gd: the config's settings with the method swapped; a named preset's "-gd"
         # twin (the paper's ZeroUnlearn_DG hparams) is used for the other method when it has the same layers
         self.method_cfg = {"zeroUnlearn": self.cfg.replace(method="closed_form"), "gd": self.cfg.replace(method="gd")}
-        if args.preset and not args.config:
-            twin = args.preset[: -len("-gd")] if args.preset.endswith("-gd") else args.preset + "-gd"
-            if twin in zu_fast.UnlearnConfig.presets():
-                other = zu_fast.UnlearnConfig.preset(twin, **overrides)
-                if list(other.layers) == list(self.cfg.layers):
-                    self.method_cfg["gd" if other.method == "gd" else "zeroUnlearn"] = other
+        if args.config or args.preset:
+            self.method_cfg = _method_configs(self.model, args, overrides)
         self.dataset = datasets.load_dataset(args.dataset, args.kind, self.tok)
         if args.neutral_target is not None:
             self.dataset = self.dataset.with_neutral(args.neutral_target)
@@ -792,14 +884,29 @@ class _DatasetRunner:
             "baseline_hparams": dataclasses.asdict(self.baseline_hparams),
         }
 
+    def subject_other_pairs(self, records: list[dict]) -> list[tuple[str, str]]:
+        """The forgotten subjects' other facts, where the file has them: the rewrite prompts and true answers of
+        the file's records about a forgotten subject that are not forgotten themselves (CounterFact has one record
+        per subject for most subjects, so this is often empty and the column is left out)."""
+        forgotten = {r["case_id"] for r in records}
+        subjects = {rr["subject"] for rec in records for rr in _rewrites(rec)}
+        return [(rr["prompt"].format(rr["subject"]), _target_str(rr["target_true"]))
+                for rec in self.dataset.records if rec["case_id"] not in forgotten
+                for rr in _rewrites(rec) if rr["subject"] in subjects]
+
     def evaluate(self, records: list[dict]) -> dict[str, Any]:
-        """The reference's metrics on ``records`` with the model as it is now."""
+        """The reference's metrics on ``records`` with the model as it is now, and Subject-other (zu_fast's
+        teacher-forced recall; NaN where the file has no other fact of a forgotten subject)."""
+        from zu_fast import metrics
         from zu_fast.eval import reference_metrics
 
-        return reference_metrics.evaluate_dataset(self.model, self.tok, self.dataset.kind, records,
-                                                  ppl_texts=self.ppl_texts, generation=self.args.generation,
-                                                  snippets=self.snippets, tfidf=self.tfidf, gen_len=self.args.gen_len,
-                                                  batch_size=self.args.batch_size)
+        res = reference_metrics.evaluate_dataset(self.model, self.tok, self.dataset.kind, records,
+                                                 ppl_texts=self.ppl_texts, generation=self.args.generation,
+                                                 snippets=self.snippets, tfidf=self.tfidf, gen_len=self.args.gen_len,
+                                                 batch_size=self.args.batch_size)
+        pairs = self.subject_other_pairs(records)
+        res["subject_other"] = metrics.recall(self.model, self.tok, pairs) if pairs else math.nan
+        return res
 
     def run(self, method: str, records: list[dict]) -> dict[str, Any]:
         """Unlearn ``records`` with ``method`` (timed, peak memory), evaluate, restore; a result row."""
@@ -832,6 +939,36 @@ class _DatasetRunner:
         return {**res, "seconds": 0.0 if base else seconds,
                 "peak_mib": math.nan if base else meter.peak_bytes / 2**20, "report": report,
                 "case_ids": [r["case_id"] for r in records]}
+
+
+def _method_configs(model, args: argparse.Namespace, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The configs of zeroUnlearn and gd: ``--config`` or ``--preset`` with the method swapped (a named preset's
+    "-gd" twin, when it has the same layers, for the other method), else ``for_model(model, method=...)``."""
+    import zu_fast
+
+    UnlearnConfig = zu_fast.UnlearnConfig
+    if not args.config and not args.preset:
+        return {"zeroUnlearn": UnlearnConfig.for_model(model, method="closed_form", **overrides),
+                "gd": UnlearnConfig.for_model(model, method="gd", **overrides)}
+    cfg = (UnlearnConfig.from_json(args.config, **overrides) if args.config
+           else UnlearnConfig.preset(args.preset, **overrides))
+    out = {"zeroUnlearn": cfg.replace(method="closed_form"), "gd": cfg.replace(method="gd")}
+    if args.preset and not args.config:
+        twin = args.preset[: -len("-gd")] if args.preset.endswith("-gd") else args.preset + "-gd"
+        if twin in UnlearnConfig.presets():
+            other = UnlearnConfig.preset(twin, **overrides)
+            if list(other.layers) == list(cfg.layers):
+                out["gd" if other.method == "gd" else "zeroUnlearn"] = other
+    return out
+
+
+def _rewrites(rec: dict) -> list[dict]:
+    rr = rec["requested_rewrite"]
+    return rr if isinstance(rr, list) else [rr]
+
+
+def _target_str(t: Any) -> str:
+    return t["str"] if isinstance(t, dict) else str(t)
 
 
 def _dataset_aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -658,11 +658,10 @@ def run_probes(
     ``probe_<pos>_val`` (the probe on held-out retained facts), ``gen_greedy``,
     ``gen_greedy_no_eos``, ``gen_sample``, ``gen_sample_any`` (and ``gen_*_control``: the same prompts
     about a stranger, i.e. the chance of naming the answer without knowing it), ``multihop`` (+
-    ``multihop_n``, ``multihop_base_rate``), ``other_facts`` (recall of the forgotten subjects' other
-    facts, with ``relearn``: what the same-subject relearning set states).
+    ``multihop_n``, ``multihop_base_rate``), ``subject_other`` (always: recall of the forgotten subjects'
+    other facts in their held-out phrasings, the Subject-other metric), ``other_facts`` (with ``relearn``: the
+    same facts in the phrasing the same-subject relearning set states).
     """
-    from .synthetic import RELATIONS
-
     s = settings or ProbeSettings()
     probes = parse_probes(probes)
     if not records:
@@ -671,6 +670,9 @@ def run_probes(
     details: dict[str, Any] = {"settings": s.to_dict()}
     bs = s.batch_size
     clock = _Laps(probes)
+    # Subject-other beside every probe: does the edit take the person with the fact? (held-out phrasings)
+    other = [(f["text"], f["target"]) for r in records for f in world.other_facts(r, "heldout")]
+    summary["subject_other"] = metrics.recall(model, tok, other, batch_size=bs) if other else math.nan
 
     clock.lap()
     if "quant" in probes:
@@ -700,7 +702,7 @@ def run_probes(
 
     clock.lap()
     if "lens" in probes:
-        details["lens"], lens_sum = _lens_and_probe(model, tok, records, world, layer_module_tmp, s, RELATIONS)
+        details["lens"], lens_sum = _lens_and_probe(model, tok, records, world, layer_module_tmp, s)
         summary.update(lens_sum)
 
     clock.lap()
@@ -757,15 +759,13 @@ class _Laps:
 
 def _other_fact_pairs(world, records) -> list[tuple[str, str]]:
     """The forgotten subjects' facts of every other relation, in their first trained phrasing."""
-    from .synthetic import RELATIONS
-
     forgotten = {(r["subject"], r["relation"]) for r in records}
     out = []
     for r in records:
         p = world.people.index(r["subject"])
         for rel in world.relations:
             if (r["subject"], rel) not in forgotten:
-                t = RELATIONS[rel]["templates"][world.train_templates[p][rel][0]]
+                t = world.templates(rel)[world.train_templates[p][rel][0]]
                 out.append((t.format(r["subject"]), world.facts[p][rel]))
     return out
 
@@ -785,7 +785,7 @@ def _generation_pairs(records, world) -> tuple[list[tuple[str, str]], list[tuple
     return pairs, control
 
 
-def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettings, relations) -> tuple[dict, dict]:
+def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettings) -> tuple[dict, dict]:
     """Logit lens and linear probe for the world's forget records (see :func:`run_probes`)."""
     subjects = {r["subject"] for r in records}
     # Test items: the forget prompts. Probe training items: every retained person (not forgotten)
@@ -806,7 +806,7 @@ def _lens_and_probe(model, tok, records, world, layer_module_tmp, s: ProbeSettin
     for tpl, sj, rel, a in test:
         prompt = tpl.format(sj)
         answers.append(_answer_token(tok, prompt, a))
-        cands.append(sorted({_answer_token(tok, prompt, o) for o in relations[rel]["objects"]}))
+        cands.append(sorted({_answer_token(tok, prompt, o) for o in world.objects(rel)}))
     positions = [p for p in s.lens_positions if p in ("subject", "last")]
     lens = lens_probe(model, tok, {p: h_test[p] for p in positions}, answers, cands)
     details: dict[str, Any] = {"lens": lens, "probe": {}}
@@ -935,7 +935,8 @@ def robustness_tables(rows: Sequence[dict], order: Sequence[str]) -> tuple[str, 
         parts += ["### Quantization (RTN, groups of 128; Eff/Gen/Spe %)", "", _table(aggs, qcols, order, with_std), ""]
     rcols = _relearn_columns(keys)
     if rcols:
-        other = [("other_facts", "subjects' other facts", 1)] if "other_facts" in keys else []
+        other = [(k, label, 1) for k, label in (("subject_other", "Subj-other (held-out)"),
+                                                ("other_facts", "subjects' other facts")) if k in keys]
         parts += ["### Relearning (forget-prompt Efficacy % after k fine-tuning steps)", "",
                   _table(aggs, [("efficacy", "Eff", 1)] + other + rcols, order, with_std), ""]
     acols = [c for c in ATTACK_COLUMNS if c[0] in keys]

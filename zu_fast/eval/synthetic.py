@@ -344,6 +344,14 @@ class World:
     def relations(self) -> tuple[str, ...]:
         return self.config.relations
 
+    def templates(self, relation: str) -> list[str]:
+        """The relation's phrasings ("{} was born in"); template indices point into this list."""
+        return RELATIONS[relation]["templates"]
+
+    def objects(self, relation: str) -> list[str]:
+        """Every answer the relation can have."""
+        return RELATIONS[relation]["objects"]
+
     def fact_text(self, person: int, relation: str, template: int) -> str:
         """The sentence stating the fact with the given template, e.g. "A B was born in Lisbon."."""
         t = RELATIONS[relation]["templates"][template]
@@ -425,6 +433,29 @@ class World:
         return [(t.format(obj), target) for rel in self.relations if rel in COMPOSITIONS
                 for obj, target in COMPOSITIONS[rel]["map"].items()
                 for t in COMPOSITIONS[rel]["object_templates"]]
+
+    def other_facts(self, record: dict, split: str = "heldout", per_relation: int | None = None) -> list[dict]:
+        """The record's subject's facts of every OTHER relation, one dict per phrasing:
+        ``{"prompt": template, "subject", "target", "relation", "text": filled prompt}``.
+
+        ``split="heldout"``: the fact's held-out templates (never trained with this subject): what the
+        Subject-other metric measures. ``split="train"``: its trained templates (the first ``per_relation``
+        of them), what a retain set may use; the two never share a prompt, so a metric on the first is
+        never measured on what the second retained.
+        """
+        if split not in ("heldout", "train"):
+            raise ValueError(f"split must be 'heldout' or 'train', got {split!r}")
+        p = self.people.index(record["subject"])
+        out = []
+        for rel in self.relations:
+            if rel == record.get("relation"):
+                continue
+            idx = (self.heldout_templates if split == "heldout" else self.train_templates)[p][rel]
+            for t in idx[:per_relation]:
+                tpl = RELATIONS[rel]["templates"][t]
+                out.append({"prompt": tpl, "subject": self.people[p], "target": self.facts[p][rel], "relation": rel,
+                            "text": tpl.format(self.people[p])})
+        return out
 
     def records(self, n: int, seed: int = 0) -> list[dict]:
         """n CounterFact-shaped forget records about n distinct people.

@@ -11,6 +11,12 @@ The model is a ``transformers.LlamaForCausalLM`` (6 layers by default, so the me
 "3 consecutive layers + layers above z" shape exists: the preset edits [1, 2, 3], z at 3).
 ``model.config.zu_fast_model == "zu-tiny-llama"`` lets presets recognise it.
 
+The same trainer trains on the species world (:mod:`zu_fast.eval.species`, for checking only): pass
+``TinyLMConfig(world=SpeciesWorldConfig(), ...)`` (the named setups are in :mod:`zu_fast.eval.worlds`).
+``tag_as_tiny=False`` leaves the ``zu_fast_model`` tag off, so ``for_model`` gives the generic family
+defaults as on any model the project never saw; ``single_token_answers=False`` lets the BPE split the
+answers as it learnt them. Both enter the cache key only when not at their default (True).
+
 ``TinyLMConfig(moe_experts=E)`` (off by default) trains a mixture-of-experts model instead: a
 ``transformers.MixtralForCausalLM`` with E experts of width ``moe_intermediate_size`` per layer, top
 ``moe_top_k`` routing and Mixtral's load-balancing loss, tagged ``"zu-tiny-mixtral"`` (the MoE
@@ -40,7 +46,9 @@ from pathlib import Path
 import torch
 
 from ..stats.store import cache_root
-from .synthetic import RELATIONS, World, WorldConfig, make_world
+from .fact_world import FactWorld
+from .species import SpeciesWorldConfig, make_species_world
+from .synthetic import WorldConfig, make_world
 
 # Bump when training code or data generation changes in a way that changes the weights.
 CODE_VERSION = "tinylm-1"
@@ -54,7 +62,7 @@ BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 class TinyLMConfig:
     """World, architecture and training recipe of the tiny model. Part of the cache key."""
 
-    world: WorldConfig = field(default_factory=WorldConfig)
+    world: WorldConfig | SpeciesWorldConfig = field(default_factory=WorldConfig)
     vocab_size: int = 1280
     hidden_size: int = 128
     num_layers: int = 6
@@ -79,12 +87,22 @@ class TinyLMConfig:
     moe_top_k: int = 2
     moe_intermediate_size: int = 0
     moe_aux_loss: float = 0.01
+    # Tag the model (config.zu_fast_model) as the project's small model, so UnlearnConfig.for_model
+    # picks the zu-tiny preset. False: untagged, for_model gives the generic family defaults (the
+    # species world's model: a check of the defaults on a model they were not tuned on).
+    tag_as_tiny: bool = True
+    # The tokenizer makes every answer of the world one token (the people world's " Lisbon"). False:
+    # answers are tokenised as the BPE learnt them (mostly several tokens).
+    single_token_answers: bool = True
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["world"] = self.world.to_dict()
         if not self.moe_experts:  # the dense model's cache key is the one it always had
             for k in _MOE_FIELDS:
+                d.pop(k)
+        for k in _DEFAULT_TRUE_FIELDS:  # absent = True: keys (and cached models) from before the option stay valid
+            if d[k]:
                 d.pop(k)
         return d
 
@@ -94,6 +112,7 @@ class TinyLMConfig:
 
 
 _MOE_FIELDS = ("moe_experts", "moe_top_k", "moe_intermediate_size", "moe_aux_loss")
+_DEFAULT_TRUE_FIELDS = ("tag_as_tiny", "single_token_answers")
 MOE_MODEL_TAG = "zu-tiny-mixtral"
 
 
@@ -151,7 +170,8 @@ def _build_model(config: TinyLMConfig, vocab_size: int, tok):
     mc = LlamaConfig(**_shape(config, vocab_size, tok), intermediate_size=config.intermediate_size)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(mc)
-    model.config.zu_fast_model = MODEL_TAG
+    if config.tag_as_tiny:
+        model.config.zu_fast_model = MODEL_TAG
     return model
 
 
@@ -181,7 +201,8 @@ def _build_moe_model(config: TinyLMConfig, vocab_size: int, tok):
     )
     torch.manual_seed(config.seed)
     model = MixtralForCausalLM(mc)
-    model.config.zu_fast_model = MOE_MODEL_TAG
+    if config.tag_as_tiny:
+        model.config.zu_fast_model = MOE_MODEL_TAG
     return model
 
 
@@ -218,7 +239,14 @@ def _batches(encoded: list[list[int]], config: TinyLMConfig, bos: int, eos: int,
             yield ids, attn, labels
 
 
-def encode_training_texts(tok, world: World) -> list[list[int]]:
+def build_world(config: WorldConfig | SpeciesWorldConfig) -> FactWorld:
+    """The world a world config describes (people or species)."""
+    if isinstance(config, SpeciesWorldConfig):
+        return make_species_world(config)
+    return make_world(config)
+
+
+def encode_training_texts(tok, world: FactWorld) -> list[list[int]]:
     """Token ids of ``world.training_texts()`` (no BOS); the strangers' cut-off documents
     (``world.fragments()``) end with EOS, as a document that stops there would."""
     texts = world.training_texts()
@@ -227,15 +255,15 @@ def encode_training_texts(tok, world: World) -> list[list[int]]:
     return [e + [tok.eos_token_id] if t in cut_off else e for t, e in zip(texts, encoded)]
 
 
-def train(config: TinyLMConfig, world: World | None = None, *, progress: bool = True):
+def train(config: TinyLMConfig, world: FactWorld | None = None, *, progress: bool = True):
     """Train tokenizer and model from scratch (no caching). Returns ``(model, tok, world, info)``."""
     from tqdm.auto import tqdm
 
-    world = world or make_world(config.world)
+    world = world or build_world(config.world)
     texts = world.training_texts()
     t0, c0 = time.perf_counter(), time.process_time()
     # Tokenizer sees training texts only; held-out text may still use any byte (byte-level BPE).
-    answers = sorted({o for r in world.relations for o in RELATIONS[r]["objects"]})
+    answers = sorted({o for r in world.relations for o in world.objects(r)}) if config.single_token_answers else []
     tok = train_tokenizer(texts, config.vocab_size, whole_words=answers)
     vocab = len(tok)
     model = _build_model(config, vocab, tok)
@@ -315,7 +343,7 @@ def load_or_train(
     Returns ``(model, tokenizer, world)``; the model is float32, on CPU, in eval mode.
     """
     config = config or TinyLMConfig()
-    world = make_world(config.world)
+    world = build_world(config.world)
     final = model_dir(config, cache_dir)
     if not (final / META_FILE).exists():
         model, tok, world, info = train(config, world, progress=progress)

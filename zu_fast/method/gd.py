@@ -2,13 +2,15 @@
 
 The objective (docs/algorithm.md, "ZeroUnlearn-GD"), over Δ ∈ R^{d×d_in}:
 
-    L(Δ) = w_o ‖Uᵀ O‖² + w_r ‖O − (V_f + R)‖² + w_n ‖Δ P‖²,     O = (W + Δ P) K_f (+ b)
+    L(Δ) = w_o ‖Uᵀ O‖² + w_r ‖O − (V_f + R)‖² + w_n ‖Δ P‖² [+ w_ret ‖Δ P K_r‖²],     O = (W + Δ P) K_f (+ b)
 
 with P = P_null the orthogonal projector onto the eigenvectors of C (the corpus key second moment)
 whose eigenvalue is ≤ ``gd_null_threshold`` (or, scale-free, the cheapest eigen-directions carrying at
 most ``gd_null_energy`` of tr C); Adam (lr ``gd_lr``, ``gd_steps`` steps), Δ = 0 at the
 start; the edit is ΔW = Δ P. O is the module's output on the forget keys (bias included, so that
 the remap term compares outputs with the target outputs V_f + R; the reference models have no bias).
+The bracketed term is zu_fast's, present only with retain keys K_r (``unlearn(..., retain=...)``): the
+change of the retain records' outputs, weighted by ``gd_retain_weight``.
 
 The reference optimises a dense float64 Δ with autograd through ``Δ @ P`` (P dense d_in×d_in built
 from a full SVD of C) every step. This module computes the same iterates, faster:
@@ -231,9 +233,15 @@ def _fused_ok(dev: torch.device, dt: torch.dtype) -> bool | None:
 
 
 class _Objective:
-    """The GD loss as a function of O's change MK = ΔW K_f [d, N] and ‖ΔW‖², and its gradient in O."""
+    """The GD loss as a function of the outputs' change MK = ΔW [K_f, K_r]  [d, N + M] (forget keys, then retain
+    keys) and ‖ΔW‖², and its gradient in those outputs.
 
-    def __init__(self, W, K_f, R, U, cfg, bias, dt) -> None:
+    The retain term w_ret ‖ΔW K_r‖² is the change of the retain records' outputs O_r − V_r (the bias cancels):
+    they must stay what they are. Its gradient in O_r is 2 w_ret ΔW K_r, so ∂L/∂Δ keeps the form E (P K)ᵀ + 2 w_n ΔP
+    with K and E extended by the retain columns.
+    """
+
+    def __init__(self, W, K_f, R, U, cfg, bias, dt, n_retain: int = 0) -> None:
         dev = W.device
         with torch.no_grad():
             V = w_times(W.detach(), K_f.detach())  # V_f = W K_f in float64, chunked over W's columns  [d, N]
@@ -242,20 +250,27 @@ class _Objective:
             self.Ud = U.detach().to(dev, dt)  # [d, r_u]
             self.Rd = R.detach().to(dev, dt)  # [d, N]
             self.UtV = self.Ud.t() @ V.to(dt)  # Uᵀ V_f: the orth term's constant part  [r_u, N]
-        self.w = (float(cfg.gd.orth_weight), float(cfg.gd.remap_weight), float(cfg.gd.norm_weight))
+        self.N = K_f.shape[1]
+        self.M = n_retain
+        # weights of the (orth, remap, norm, retain) parts
+        self.w = (float(cfg.gd.orth_weight), float(cfg.gd.remap_weight), float(cfg.gd.norm_weight),
+                  float(cfg.gd.retain_weight) if n_retain else 0.0)
 
     def terms(self, MK: torch.Tensor, norm: float):
-        """S = Uᵀ O [r_u, N], Rm = O − (V_f + R) [d, N], and the (orth, remap, norm) parts of the loss."""
-        S = self.UtV + self.Ud.t() @ MK
-        Rm = MK - self.Rd
-        return S, Rm, (float(S.pow(2).sum()), float(Rm.pow(2).sum()), norm)
+        """S = Uᵀ O_f [r_u, N], Rm = O_f − (V_f + R) [d, N], the retain outputs' change ΔW K_r [d, M], and the
+        (orth, remap, norm, retain) parts of the loss."""
+        MKf, MKr = MK[:, : self.N], MK[:, self.N :]
+        S = self.UtV + self.Ud.t() @ MKf
+        Rm = MKf - self.Rd
+        return S, Rm, MKr, (float(S.pow(2).sum()), float(Rm.pow(2).sum()), norm, float(MKr.pow(2).sum()))
 
-    def loss(self, parts: tuple[float, float, float]) -> float:
+    def loss(self, parts: tuple[float, float, float, float]) -> float:
         return sum(w * p for w, p in zip(self.w, parts))
 
-    def d_out(self, S: torch.Tensor, Rm: torch.Tensor) -> torch.Tensor:
-        """E = ∂L/∂O = 2 w_o U S + 2 w_r Rm  [d, N]."""
-        return (2.0 * self.w[0]) * (self.Ud @ S) + (2.0 * self.w[1]) * Rm
+    def d_out(self, S: torch.Tensor, Rm: torch.Tensor, MKr: torch.Tensor) -> torch.Tensor:
+        """E = ∂L/∂O = [2 w_o U S + 2 w_r Rm, 2 w_ret ΔW K_r]  [d, N + M]."""
+        E = (2.0 * self.w[0]) * (self.Ud @ S) + (2.0 * self.w[1]) * Rm
+        return torch.cat([E, (2.0 * self.w[3]) * MKr], 1) if self.M else E
 
 
 class _Stopper:
@@ -282,10 +297,13 @@ class _Stopper:
                 return True
         return False
 
-    def info(self, step: int, parts: tuple[float, float, float]) -> dict[str, float]:
-        return {"gd_steps": float(step), "gd_converged": float(self.converged),
-                "gd_loss_initial": self.losses[0], "gd_loss_final": self.losses[-1],
-                "gd_orth_final": parts[0], "gd_remap_final": parts[1], "gd_norm_final": parts[2]}
+    def info(self, step: int, parts: tuple[float, float, float, float], retain: bool) -> dict[str, float]:
+        out = {"gd_steps": float(step), "gd_converged": float(self.converged),
+               "gd_loss_initial": self.losses[0], "gd_loss_final": self.losses[-1],
+               "gd_orth_final": parts[0], "gd_remap_final": parts[1], "gd_norm_final": parts[2]}
+        if retain:
+            out["gd_retain_final"] = parts[3]
+        return out
 
 
 def gd_update(
@@ -302,6 +320,7 @@ def gd_update(
     window: int | None = None,
     form: str = "auto",
     trace: list[float] | None = None,
+    K_r: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """ΔW  # [d, d_in] fp32 (the edit is W ← W + ΔW, ΔW = Δ P_null) and an info dict of floats.
 
@@ -315,10 +334,13 @@ def gd_update(
     form            thin form of P_null: "auto", "null" or "complement" (same iterates; speed only; the
                     ``gd_variable="null"`` path always uses the null-space basis itself)
     trace           if given, the loss before each Adam step is appended (the reference's loss curve)
+    K_r  [d_in, M]  retain keys (columns), or None: adds cfg.gd.retain_weight · ‖ΔW K_r‖² to the loss (their
+                    outputs must not change; docs/design-notes.md, "Retain set")
     """
     t_start = time.perf_counter()
-    check_layer_problem(W, stats, K_f, R, U)
+    check_layer_problem(W, stats, K_f, R, U, K_r)
     d, d_in = W.shape
+    M = 0 if K_r is None else K_r.shape[1]
     precision = precision or cfg.gd.precision
     if precision not in ("fp32", "fp64"):
         raise ZuFastError(f"gd precision {precision!r}; choose 'fp32' or 'fp64'")
@@ -356,21 +378,23 @@ def gd_update(
                      "gd_converged": 0.0, "gd_seconds": time.perf_counter() - t_start})
         return torch.zeros(d, d_in, dtype=torch.float32, device=dev), info
 
-    objective = _Objective(W, K_f, R, U, cfg, bias, dt)
+    objective = _Objective(W, K_f, R, U, cfg, bias, dt, M)
     stopper = _Stopper(steps, tol, window, trace, stats.layer)
+    K_all = K_f if not M else torch.cat([K_f.detach().to(dev), K_r.detach().to(dev, K_f.dtype)], 1)  # [d_in, N + M]
     if variable == "null":
-        dW, parts, step = _adam_in_null_coordinates(W, nb, K_f, objective, stopper, cfg, dt)
-        info.update(stopper.info(step, parts))
+        dW, parts, step = _adam_in_null_coordinates(W, nb, K_all, objective, stopper, cfg, dt)
+        info.update(stopper.info(step, parts, bool(M)))
+        _retain_change(info, W, dW, K_r)
         info["gd_seconds"] = time.perf_counter() - t_start
         return dW, info
 
     with torch.no_grad():
-        K = K_f.detach().to(dev, dt)  # [d_in, N]
+        K = K_all.detach().to(dev, dt)  # [d_in, N + M] forget keys, then retain keys
         B = nb.B  # [d_in, r]
         Bt = B.t().contiguous()  # [r, d_in]
-        KP = nb.project(K)  # P K_f  [d_in, N]
-        KPt = KP.t().contiguous()  # [N, d_in]
-        BtK = Bt @ K  # [r, N]
+        KP = nb.project(K)  # P K  [d_in, N + M]
+        KPt = KP.t().contiguous()  # [N + M, d_in]
+        BtK = Bt @ K  # [r, N + M]
 
     # Adam on the dense Δ, exactly as the reference (torch.optim.Adam, default betas/eps); the
     # gradient is written into delta.grad in closed form instead of by autograd.
@@ -384,17 +408,17 @@ def gd_update(
             # ---- forward at the current Δ: only thin products besides T = ΔB ----
             T = delta @ B  # [d, r]
             if nb.complement:  # P = I − BBᵀ
-                MK = delta @ KP  # Δ P K_f   [d, N]
+                MK = delta @ KP  # Δ P K   [d, N + M]
                 # ‖ΔP‖² = ‖Δ‖² − ‖ΔB‖² (Pythagoras; B orthonormal)
                 norm = max(float(delta.pow(2).sum()) - float(T.pow(2).sum()), 0.0)
             else:  # P = BBᵀ
-                MK = T @ BtK  # Δ B Bᵀ K_f   [d, N]
+                MK = T @ BtK  # Δ B Bᵀ K   [d, N + M]
                 norm = float(T.pow(2).sum())  # ‖ΔBBᵀ‖² = ‖ΔB‖²
-            S, Rm, parts = objective.terms(MK, norm)
+            S, Rm, MKr, parts = objective.terms(MK, norm)
             if stopper.stop(objective.loss(parts), step):
                 break
-            # ---- gradient: (E K_fᵀ + 2 w_n ΔP) P = E (P K_f)ᵀ + 2 w_n ΔP,  E = ∂L/∂O ----
-            E = objective.d_out(S, Rm)  # [d, N]
+            # ---- gradient: (E Kᵀ + 2 w_n ΔP) P = E (P K)ᵀ + 2 w_n ΔP,  E = ∂L/∂O ----
+            E = objective.d_out(S, Rm, MKr)  # [d, N + M]
             g = delta.grad  # [d, d_in]
             if nb.complement:  # 2 w_n (Δ − T Bᵀ) + E KPᵀ
                 torch.mul(delta, 2.0 * w_n, out=g)
@@ -407,12 +431,23 @@ def gd_update(
             step += 1
         dW = delta.addmm(T, Bt, beta=1.0, alpha=-1.0) if nb.complement else T @ Bt  # Δ P  [d, d_in]
         dW = dW.float()
-    info.update(stopper.info(step, parts))
+    info.update(stopper.info(step, parts, bool(M)))
+    _retain_change(info, W, dW, K_r)
     info["gd_seconds"] = time.perf_counter() - t_start
     return dW, info
 
 
-def _adam_in_null_coordinates(W, nb: NullBasis, K_f, objective: _Objective, stopper: _Stopper, cfg, dt):
+def _retain_change(info: dict[str, float], W: torch.Tensor, dW: torch.Tensor, K_r: torch.Tensor | None) -> None:
+    """How far the edit moved the retain outputs: ‖ΔW K_r‖ / ‖W K_r‖ (as the closed form reports it)."""
+    if K_r is None or K_r.shape[1] == 0:
+        return
+    with torch.no_grad():
+        Kr = K_r.to(W.device, torch.float64)
+        moved = (dW.double() @ Kr).norm()  # ‖ΔW K_r‖
+        info["retain_output_change"] = float(moved / w_times(W.detach(), Kr).norm().clamp_min(1e-300))
+
+
+def _adam_in_null_coordinates(W, nb: NullBasis, K, objective: _Objective, stopper: _Stopper, cfg, dt):
     """``gd_variable="null"``: Adam on X = Δ B_null  [d, k], the edit's coordinates in the null-space basis.
 
     The objective is the same function of ΔW = X B_nullᵀ (‖ΔW‖ = ‖X‖, ΔW K_f = X (B_nullᵀ K_f)), so its
@@ -431,19 +466,19 @@ def _adam_in_null_coordinates(W, nb: NullBasis, K_f, objective: _Objective, stop
     w_n = objective.w[2]
     lr = float(cfg.gd.lr) * math.sqrt(nb.d_in / nb.B.shape[1])
     with torch.no_grad():
-        BtK = nb.B.t() @ K_f.detach().to(dev, dt)  # B_nullᵀ K_f  [k, N]
-        BtKt = BtK.t().contiguous()  # [N, k]
+        BtK = nb.B.t() @ K.detach().to(dev, dt)  # B_nullᵀ K  [k, N + M] (forget keys, then retain keys)
+        BtKt = BtK.t().contiguous()  # [N + M, k]
     X = torch.zeros(W.shape[0], nb.B.shape[1], dtype=dt, device=dev)  # [d, k]
     X.grad = torch.zeros_like(X)
     opt = torch.optim.Adam([X], lr=lr, fused=_fused_ok(dev, dt))
     step = 0
     with torch.no_grad():
         while True:
-            S, Rm, parts = objective.terms(X @ BtK, float(X.pow(2).sum()))  # MK = ΔW K_f  [d, N]
+            S, Rm, MKr, parts = objective.terms(X @ BtK, float(X.pow(2).sum()))  # MK = ΔW K  [d, N + M]
             if stopper.stop(objective.loss(parts), step):
                 break
-            # E (B_nullᵀ K_f)ᵀ + 2 w_n X
-            torch.addmm(X, objective.d_out(S, Rm), BtKt, beta=2.0 * w_n, out=X.grad)
+            # E (B_nullᵀ K)ᵀ + 2 w_n X
+            torch.addmm(X, objective.d_out(S, Rm, MKr), BtKt, beta=2.0 * w_n, out=X.grad)
             opt.step()
             step += 1
         dW = (X @ nb.B.t()).float()  # [d, d_in]

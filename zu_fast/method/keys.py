@@ -1,4 +1,8 @@
-"""Steps 1 and 5's readings: keys (and values) at the subject's last token, z-layer outputs."""
+"""Steps 1 and 5's readings: keys (and values) at the key position of each prompt, z-layer outputs.
+
+The key position is ``cfg.templates.fact_token``: the subject's last token (the paper's) or the prompt's last
+token (:func:`key_positions`). Retain records (``method/retain.py``) are read by the same functions.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +12,27 @@ from dataclasses import dataclass
 import torch
 
 from ..config import UnlearnConfig
+from ..errors import ZuFastError
 from ..model import Capture, EditTarget, forward_until, model_device, padded_batch, subject_spans
 from ..requests import UnlearnRequest
 
 
+def key_positions(tok, prompts: Sequence[str], subjects: Sequence[str], what: Sequence[str] | None,
+                  fact_token: str) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each ``prompt.format(subject)`` and the position where its key is read (and δ placed):
+    ``"subject_last"``, the subject's last token, or ``"last"``, the prompt's last token. The subject is located
+    in either case (a prompt that does not contain it is refused, naming ``what``)."""
+    ids, subject_last = subject_spans(tok, prompts, subjects, what)
+    if fact_token == "subject_last":
+        return ids, subject_last
+    if fact_token == "last":
+        return ids, [len(x) - 1 for x in ids]
+    raise ZuFastError(f"unknown fact_token {fact_token!r}; choose 'subject_last' or 'last'")
+
+
 @dataclass
 class SubjectReadings:
-    """What the model computes at each request's subject last token."""
+    """What the model computes at each request's key position (``cfg.templates.fact_token``)."""
 
     keys: dict[int, torch.Tensor]  # layer → [N, d_in] fp32, averaged over templates, then over template types
     bare_values: dict[int, torch.Tensor]  # layer → [N, d] fp32, module output for the bare prompt
@@ -26,7 +44,7 @@ class PromptBatch:
     """One batch of the forget set's prompts (every context template of every request, and each bare prompt)."""
 
     batch: dict  # padded model inputs
-    pos: torch.Tensor  # [B] position of the subject's last token
+    pos: torch.Tensor  # [B] the key position (the subject's last token, or the prompt's last)
     req: torch.Tensor  # [B] the request each prompt belongs to
     is_bare: torch.Tensor  # [B] bool: the bare prompt "{}" (values and z are read there)
     weight: torch.Tensor  # [B] the prompt's weight in its request's two-level template average (0: extra bare)
@@ -39,7 +57,7 @@ def template_weights(templates: Sequence[Sequence[str]]) -> list[float]:
 
 
 def subject_batches(tok, requests: Sequence[UnlearnRequest], templates: Sequence[Sequence[str]], batch_size: int,
-                    device) -> Iterator[PromptBatch]:
+                    device, fact_token: str = "subject_last") -> Iterator[PromptBatch]:
     """The prompts every reading runs: each request in every context template (``templates`` grouped by type),
     plus its bare prompt when no template is a bare "{}", in batches of ``batch_size``. A prompt's weight is
     1/(types · templates of its type), so averaging keys is the reference's two-level mean over templates,
@@ -53,8 +71,8 @@ def subject_batches(tok, requests: Sequence[UnlearnRequest], templates: Sequence
         bare_j = len(flat)
         prompts += [(i, bare_j) for i in range(len(requests))]
     tpls = [(flat[j] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in prompts]
-    ids, idx = subject_spans(tok, tpls, [requests[i].subject for i, _ in prompts],
-                             [requests[i].describe() for i, _ in prompts])
+    ids, idx = key_positions(tok, tpls, [requests[i].subject for i, _ in prompts],
+                             [requests[i].describe() for i, _ in prompts], fact_token)
     order = sorted(range(len(prompts)), key=lambda k: len(ids[k]))
     for b in range(0, len(order), batch_size):
         chunk = order[b : b + batch_size]
@@ -87,7 +105,8 @@ def read_at_subject(
     bare = {layer: None for layer in names}
     z_out = None
     n = len(requests)
-    for pb in subject_batches(tok, requests, templates, cfg.runtime.batch_size, model_device(model)):
+    for pb in subject_batches(tok, requests, templates, cfg.runtime.batch_size, model_device(model),
+                              cfg.templates.fact_token):
         outs = [z_name] if read_z else []
         with Capture(model, inputs=list(names.values()), outputs=list(names.values()) + outs, stop_after=stop) as cap:
             forward_until(model, pb.batch)

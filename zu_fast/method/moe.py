@@ -85,7 +85,8 @@ def read_at_subject(model, tok, requests: Sequence[UnlearnRequest], cfg: Unlearn
     z_out = None
     deepest = max(targets, key=lambda t: t.layer)
 
-    for pb in subject_batches(tok, requests, templates, cfg.runtime.batch_size, model_device(model)):
+    for pb in subject_batches(tok, requests, templates, cfg.runtime.batch_size, model_device(model),
+                              cfg.templates.fact_token):
         batch = pb.batch
         reader = _BatchReader(out, n, pb.pos, pb.req, pb.is_bare, pb.weight)
         handles = [model.register_forward_pre_hook(reader.record_shape, with_kwargs=True)]

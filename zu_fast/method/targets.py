@@ -49,11 +49,10 @@ from ..model import (
     layer_count,
     model_device,
     padded_batch,
-    subject_spans,
 )
 from ..requests import UnlearnRequest
 from . import prefix_cache
-from .keys import SubjectReadings, template_weights
+from .keys import SubjectReadings, key_positions, template_weights
 
 # Prompts are padded per length bucket (at most cfg.targets.length_buckets forwards per step); one more
 # bucket only if it saves at least this share of the padded tokens (the prompts of one request differ
@@ -310,18 +309,28 @@ def optimize_deltas(
     init: torch.Tensor | None = None,
     suffix_cache: bool = True,
     skip_module_layer: bool = True,
+    offset: torch.Tensor | None = None,
+    free_basis: torch.Tensor | None = None,
+    position: str | None = None,
 ) -> DeltaResult:
     """Optimise δ toward ``target_ids[i]`` for request i, added at the output of decoder layer ``layer``,
-    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``.
+    or (``at_module``) at the output of the edited module ``cfg.locate.rewrite_module.format(layer)``, at each
+    prompt's key position ``position`` (default ``cfg.templates.fact_token``: the subject's last token, or the
+    prompt's last; the KL prompt "{subject} is a" by the same rule, as ROME does).
 
-    ``init``  # [N, d]: start δ there (clamped) instead of at 0 — a warm start, which changes the trajectory
-    (the reference starts at 0). ``suffix_cache`` and ``skip_module_layer`` turn off two savings that leave
-    each row's maths as it is (the cached prefix, ``prefix_cache``; running the edited layer itself in step 3
+    ``offset``  # [N, d] and ``free_basis``  # [d, r] (``targets.orthogonal``, docs/algorithm.md step 2): δ_i is
+    offset_i plus a free part kept orthogonal to the basis; the clamp and the weight decay act on the free part,
+    and the KL term compares with the clean model (δ = 0). None: the reference's free δ.
+
+    ``init``  # [N, d]: start δ (its free part) there (clamped) instead of at 0 — a warm start, which changes the
+    trajectory (the reference starts at 0). ``suffix_cache`` and ``skip_module_layer`` turn off two savings that
+    leave each row's maths as it is (the cached prefix, ``prefix_cache``; running the edited layer itself in step 3
     only where its module output does not reach the layer output as a plain addition); for measurements.
     """
     return optimize_and_read(model, tok, requests, cfg, templates, layer, target_ids, at_module=at_module, desc=desc,
                              progress=progress, init=init, suffix_cache=suffix_cache,
-                             skip_module_layer=skip_module_layer)[0]
+                             skip_module_layer=skip_module_layer, offset=offset, free_basis=free_basis,
+                             position=position)[0]
 
 
 def optimize_and_read(
@@ -340,13 +349,18 @@ def optimize_and_read(
     init: torch.Tensor | None = None,
     suffix_cache: bool = True,
     skip_module_layer: bool = True,
+    offset: torch.Tensor | None = None,
+    free_basis: torch.Tensor | None = None,
+    position: str | None = None,
 ) -> tuple[DeltaResult, SubjectReadings | None]:
     """``optimize_deltas``, and, when ``read`` names a dense edited layer, its reading taken from the same clean
     forward: the keys (two-level template average), the bare prompts' module outputs and the z layer's outputs
-    at the subjects' last tokens — what ``keys.read_at_subject`` reads for that layer, without a forward of its
-    own (the prompts are the same; the appended target tokens come after the subject and, by causality, change
-    nothing there). Needs the first context template to be the bare "{}" (else the reading is None)."""
+    at the key positions — what ``keys.read_at_subject`` reads for that layer (when ``position`` is
+    ``cfg.templates.fact_token``), without a forward of its own (the prompts are the same; the appended target
+    tokens come after the key position and, by causality, change nothing there). Needs the first context
+    template to be the bare "{}" (else the reading is None)."""
     progress = cfg.runtime.progress if progress is None else progress
+    position = cfg.templates.fact_token if position is None else position
     if read is not None and (not templates or not templates[0] or templates[0][0] != "{}"):
         read = None
     parts, reads = [], []
@@ -356,7 +370,7 @@ def optimize_and_read(
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
         res, rd = _optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl], label, progress,
                                   at_module, None if init is None else init[sl], suffix_cache, skip_module_layer,
-                                  read)
+                                  read, offset[sl] if offset is not None else None, free_basis, position)
         parts.append(res)
         reads.append(rd)
     out = DeltaResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DeltaResult)))
@@ -481,7 +495,9 @@ def _clean_forward(model, cfg: UnlearnConfig, full: _Rows, n_req: int, outputs: 
 def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
                     at_module: bool = False, init: torch.Tensor | None = None, suffix_cache: bool = True,
                     skip_module_layer: bool = True,
-                    read: EditTarget | None = None) -> tuple[DeltaResult, SubjectReadings | None]:
+                    read: EditTarget | None = None, offset: torch.Tensor | None = None,
+                    free_basis: torch.Tensor | None = None,
+                    position: str = "subject_last") -> tuple[DeltaResult, SubjectReadings | None]:
     device = model_device(model)
     flat = _flatten(templates)
     n_req, n_tpl = len(requests), len(flat)
@@ -496,7 +512,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         tpls.append("{} is a")
         subjects.append(r.subject)
         names.append(r.describe())
-    ids, subj_idx = subject_spans(tok, tpls, subjects, names)
+    ids, subj_idx = key_positions(tok, tpls, subjects, names, position)  # before the target is appended
     seq_req = torch.tensor([i for i in range(n_req) for _ in range(n_tpl)] + list(range(n_req)), device=device)
     # teacher forcing: append target[:-1]; the loss reads the positions predicting each target token
     tgt_seq, tgt_pos, tgt_tok, tgt_w = [], [], [], []
@@ -596,6 +612,10 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             start = init.detach().float().cpu().clone()
             start.mul_((max_norm.cpu() / start.norm(dim=1).clamp_min(1e-12)).clamp(max=1.0)[:, None])
         delta = start.to(base.device).requires_grad_(True)
+        # the fixed part of δ (None: the reference) and the directions its free part must avoid
+        shift = offset.to(base.device, torch.float32) if offset is not None else None  # [n_req, d]
+        U_free = free_basis.to(base.device, torch.float32) if free_basis is not None else None  # [d, r]
+        use_shift = [shift is not None]
         if cfg.targets.lr_relative:
             # Scale-free steps: Adam's step is about lr per coordinate (sign-like), i.e. lr·√d in norm; scaled per
             # row by ‖h_init,i‖/√d it moves δ_i by about lr·‖h_init,i‖, whatever the model's hidden-state scale.
@@ -616,7 +636,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
 
         def forward(rows: _Rows, skip_below: bool) -> tuple[torch.Tensor, torch.Tensor]:
             def add_to(out: torch.Tensor) -> torch.Tensor:
-                return _scatter_rows(out, rows.seq, rows.subj_pos, delta[rows.seq_req])
+                rows_delta = delta + shift if use_shift[0] else delta
+                return _scatter_rows(out, rows.seq, rows.subj_pos, rows_delta[rows.seq_req])
 
             with contextlib.ExitStack() as stack:
                 if at_layer_out:
@@ -657,40 +678,54 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             return nll, logp_kl_all
 
         def cached_agrees() -> bool:
-            """With a warm start the first step is not at δ = 0: check the cached path at δ = 0 on its own."""
+            """With a warm start or an offset the first step is not at δ = 0: check the cached path at δ = 0 on its
+            own."""
             keep = delta.detach().clone()
             with torch.no_grad():
                 delta.zero_()
+                use_shift[0] = False
                 try:
                     nll, logp_kl = losses(True)
                 finally:
                     delta.copy_(keep)
+                    use_shift[0] = shift is not None
             return _agree(nll, logp_kl, nll0, logp_kl0, base.dtype)
 
-        skip_below = True
-        bar = tqdm(total=cfg.targets.steps, desc=f"zu_fast {desc}", disable=not progress, leave=False)
-        try:
-            for it in range(cfg.targets.steps):
+        def first_losses() -> tuple[torch.Tensor, torch.Tensor]:
+            """The first step's losses, checking that the cached prefix reproduces the clean forward; on a
+            mismatch or an error, full prompts, then (for a model whose layer loop cannot take stand-ins) full
+            forwards."""
+            nonlocal prefix, buckets, skip_below
+            at_zero = init is None and shift is None
+            while True:
                 try:
-                    if it == 0 and prefix is not None and init is not None and not cached_agrees():
+                    if prefix is not None and not at_zero and not cached_agrees():
                         raise _CacheMismatch
                     nll, logp_kl = losses(skip_below)
-                    if it == 0 and prefix is not None and init is None and not _agree(nll, logp_kl, nll0, logp_kl0,
-                                                                                      base.dtype):
+                    if prefix is not None and at_zero and not _agree(nll, logp_kl, nll0, logp_kl0, base.dtype):
                         raise _CacheMismatch
+                    return nll, logp_kl
                 except ZuFastError:
                     raise
                 except Exception as e:
                     if prefix is not None:  # the model does not run from a cached prefix as assumed: full prompts
                         prefix = None
                         buckets = full.buckets(active, cfg.targets.length_buckets)
-                    elif skip_below:  # a model whose layer loop cannot take stand-ins
+                    elif skip_below:
                         warnings.warn(f"skipping the layers below {layer} failed ({e!r}); running full forwards",
                                       stacklevel=2)
                         skip_below = False
                     else:
                         raise
-                    nll, logp_kl = losses(skip_below)
+
+        skip_below = True
+        bar = tqdm(total=cfg.targets.steps, desc=f"zu_fast {desc}", disable=not progress, leave=False)
+        try:
+            for it in range(cfg.targets.steps):
+                nll, logp_kl = first_losses() if it == 0 else losses(skip_below)
+                if kl_init is None and shift is not None:
+                    # the KL term compares with the clean model (δ = 0): the clean forward's distribution
+                    kl_init = logp_kl0.to(logp_kl.device)
                 if kl_init is None:
                     kl_init = logp_kl.detach()  # the first step forwards every request
                 kl = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)  # KL(current ‖ initial)   [n_req]
@@ -718,6 +753,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                     if row_lr is not None:  # Adam ran with lr 1: scale each row's step by its own lr
                         delta.copy_(keep + row_lr * (delta - keep))
                     delta[~active] = keep[~active]  # converged rows stay where they stopped
+                    if U_free is not None:  # the free part stays orthogonal to the basis
+                        delta.sub_((delta @ U_free) @ U_free.t())
                     norms = delta.norm(dim=1)
                     scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-12), torch.ones_like(norms))
                     delta.mul_(scale[:, None])
@@ -728,7 +765,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             bar.close()
     if init_loss is None:
         raise ZuFastError("the target optimisation ran no step (v_num_grad_steps must be ≥ 1)")
-    return DeltaResult(delta.detach(), h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu(), final_nll.cpu(),
+    total = delta.detach() + shift if shift is not None else delta.detach()
+    return DeltaResult(total, h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu(), final_nll.cpu(),
                        final_kl.cpu()), readings
 
 
@@ -759,6 +797,8 @@ def retry_unreached(
     res: DeltaResult,
     *,
     desc: str = "targets",
+    offset: torch.Tensor | None = None,
+    free_basis: torch.Tensor | None = None,
 ) -> tuple[DeltaResult, int, int]:
     """Give the requests whose target loss stayed above ``cfg.targets.warn_loss`` a second optimisation, from
     scratch, with the clamp radius widened ``cfg.targets.retry_clamp`` times and twice the steps; keep a row's
@@ -774,7 +814,8 @@ def retry_unreached(
         return res, 0, 0
     wide = cfg.replace(clamp_norm_factor=cfg.targets.clamp * factor, v_num_grad_steps=2 * cfg.targets.steps)
     again = optimize_deltas(model, tok, [requests[i] for i in bad], wide, templates, layer,
-                            [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)")
+                            [target_ids[i] for i in bad], desc=f"{desc} (retry: clamp ×{factor:g}, steps ×2)",
+                            offset=offset[bad] if offset is not None else None, free_basis=free_basis)
     delta, final, steps = res.delta.clone(), res.final_loss.clone(), res.steps.clone()
     nll, kl = res.final_nll.clone(), res.final_kl.clone()
     improved = 0

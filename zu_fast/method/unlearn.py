@@ -15,7 +15,7 @@ from ..config import UnlearnConfig
 from ..edit import Edit
 from ..errors import ZuFastError
 from ..model import continuation_ids, edit_targets, get_module, layer_count
-from ..model.locate import MoETarget, describe_key
+from ..model.locate import MoETarget, describe_key, post_mlp_norm
 from ..requests import UnlearnRequest, check_lengths, max_positions, normalize_requests
 from ..stats.collect import CorpusStats, collect_stats
 from ..stats.store import check_stats_for_model
@@ -23,6 +23,8 @@ from .closed_form import multiplier, narrow_multiplier
 from .components import ComponentProblem, DenseLayers, LayerStrategy
 from .moe import MoELayers
 from .projector import representation_basis
+from .residual import to_module_space
+from .retain import check_retain, retain_columns, retain_prompts
 from .safety import check_gap as _safety_check_gap
 from .safety import check_residual_stream, check_weight_change, enforce_strict
 from .targets import optimize_deltas, retry_unreached
@@ -71,20 +73,47 @@ def _flag_unconverged(report, reqs: Sequence[UnlearnRequest], final_loss: torch.
           limit=cfg.targets.warn_loss)
 
 
+def orthogonal_start(clean: torch.Tensor, cfg: UnlearnConfig, norm=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``targets.orthogonal`` (docs/algorithm.md, step 2): from the z layer's clean module outputs o  # [N, d], the
+    fixed part of δ — the z layer's output without the components of o along their basis U, i.e. what removing
+    the original representation does to the residual stream (through the block's post-MLP norm when it has
+    one) — and U  # [d, r], which δ's free part must avoid. A target built so is reachable by an edit whose new
+    output is orthogonal to the original one, which the closed form's projector imposes."""
+    o = clean.detach().to(torch.float64)  # [N, d]
+    U = representation_basis(o.t(), cfg.representation.basis_rtol)  # [d, r]
+    kept = o - (o @ U) @ U.t()  # [N, d]
+    if norm is None:
+        offset = kept - o
+    else:
+        with torch.no_grad():
+            dt = next((p.dtype for p in norm.parameters()), torch.float32)
+            dev = next((p.device for p in norm.parameters()), o.device)
+            offset = (norm(kept.to(dev, dt)) - norm(o.to(dev, dt))).to(torch.float64).cpu()
+    return offset.float(), U.float()
+
+
 def z_targets(model, tok, reqs: Sequence[UnlearnRequest], cfg: UnlearnConfig, templates, neutral: Sequence[int],
-              report) -> torch.Tensor:
+              report, *, clean_z_out: torch.Tensor | None = None) -> torch.Tensor:
     """Step 2: the target hidden states z  # [N, d] at the z layer (with the retry of unreached rows);
-    records the optimisation's numbers in ``report.targets`` and flags the requests that did not converge."""
+    records the optimisation's numbers in ``report.targets`` and flags the requests that did not converge.
+    ``clean_z_out``  # [N, d]: the z layer's clean module outputs, for ``targets.orthogonal``."""
+    offset = basis = None
+    if cfg.targets.orthogonal and clean_z_out is not None:
+        norm = post_mlp_norm(model, cfg.locate.layer_module, cfg.z_layer)
+        offset, basis = orthogonal_start(clean_z_out, cfg, norm)
     z_res = optimize_deltas(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
-                            desc=f"z at layer {cfg.z_layer}")
+                            desc=f"z at layer {cfg.z_layer}", offset=offset, free_basis=basis)
     z_res, retried, improved = retry_unreached(model, tok, reqs, cfg, templates, cfg.z_layer, [neutral] * len(reqs),
-                                               z_res, desc=f"z at layer {cfg.z_layer}")
+                                               z_res, desc=f"z at layer {cfg.z_layer}", offset=offset,
+                                               free_basis=basis)
     report.targets = {
         "z_retried": float(retried),
         "z_retry_improved": float(improved),
         "z_loss_initial": float(z_res.initial_loss.mean()),
         "z_loss_final": float(z_res.final_loss.mean()),
         "z_loss_final_max": float(z_res.final_loss.max()),
+        "z_nll_final": float(z_res.final_nll.mean()),
+        "z_kl_final": float(z_res.final_kl.mean()),
         "z_steps_mean": float(z_res.steps.float().mean()),
         "z_converged_frac": float((z_res.final_loss < cfg.targets.stop_loss).float().mean()),
     }
@@ -228,19 +257,20 @@ def _gd_progress(cfg: UnlearnConfig, layer: int) -> Iterator[list[float]]:
 
 
 def _solve(p: ComponentProblem, stats: CorpusStats, basis: torch.Tensor, cfg: UnlearnConfig,
-           gd_update) -> tuple[torch.Tensor, dict]:
+           gd_update, K_r: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """One component's factor: ΔW (GD) or D (the closed form; the narrow form where d_in < d), and the solver's
-    numbers. A component's corpus weight π scales λ_w (1 for a dense layer: the configuration as it is)."""
+    numbers. A component's corpus weight π scales λ_w (1 for a dense layer: the configuration as it is).
+    ``K_r``  # [d_in, M]: the retain keys that reach the component (``method/retain.py``), or None."""
     c, st, U = p.target, stats[p.key], basis.to(p.target.device)
     if gd_update is not None:
         with _gd_progress(cfg, p.key) as trace:
-            return gd_update(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, trace=trace)
+            return gd_update(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, trace=trace, K_r=K_r)
     if p.weight != 1.0:
         cfg = cfg.replace(closed_form={"corpus_weight_k": cfg.closed_form.corpus_weight_k * p.weight,
                                        "corpus_weight_v": cfg.closed_form.corpus_weight_v * p.weight})
     solve = multiplier if c.d_in >= c.d else narrow_multiplier
     info: dict = {}
-    return solve(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, info=info), info
+    return solve(c.weight, st, p.K, p.R, U, cfg, bias=c.bias, info=info, K_r=K_r), info
 
 
 def unlearn(
@@ -253,10 +283,16 @@ def unlearn(
     corpus: Any = None,
     context_templates: list[list[str]] | None = None,
     strict: bool | None = None,
+    retain: Any = None,
+    retain_templates: Sequence[str] | None = None,
 ) -> Edit:
     """Make ``model`` forget ``requests`` in place; returns the Edit (restore/save/report).
 
     requests: records ``{"prompt": "{} was born in", "subject": ..., "target_true": str | {"str": ...}}``.
+    retain: prompts whose outputs must not change (``method/retain.py``): records ``{"prompt", "subject",
+    "target_true"}``, plain prompts, or ``"subject"`` with ``retain_templates=["{} works for", ...]``: the
+    forgotten subjects' other prompts. They enter each edited layer's problem with the weights
+    ``retain_weight_rk/_rv`` (closed form) or ``gd_retain_weight`` (GD); None leaves the method as it is.
     stats: from ``collect_stats`` (or pass ``corpus=`` to collect/load them here). Statistics that carry
     a model fingerprint must be of this model, or of the model before the zu_fast edits on it
     (sequential unlearning; ``zu_fast.stats.store.check_stats_for_model``); hand-built ones are trusted.
@@ -271,6 +307,8 @@ def unlearn(
     reqs = normalize_requests(requests)
     targets = edit_targets(model, cfg.layers, cfg.locate)
     _check_before_work(model, tok, reqs, cfg)  # everything cheap, before statistics or any change
+    keep = retain_prompts(retain, reqs, retain_templates)
+    check_retain(keep, reqs, tok, model, cfg.templates.fact_token, reserve=cfg.templates.length + 4)
     if stats is None:
         if corpus is None:
             raise ZuFastError("unlearn needs corpus statistics: pass stats=zu_fast.collect_stats(...) or corpus=...")
@@ -290,19 +328,24 @@ def unlearn(
     report = edit.report
     report.n_requests = len(reqs)
     m = len(targets)
+    kept = None  # the retain prompts' readings at the layers still to edit
     try:
         with clock.phase("templates"):
             templates = context_templates or make_context_templates(model, tok, cfg)
         with clock.phase("read_keys"):
             readings = layers.read(model, tok, reqs, cfg, templates, targets)
         with clock.phase("targets_z"):
-            z = z_targets(model, tok, reqs, cfg, templates, neutral, report)  # [N, d]
+            z = z_targets(model, tok, reqs, cfg, templates, neutral, report,
+                          clean_z_out=layers.clean_output(readings, targets[-1]))  # [N, d]
         h0 = readings.z_out.to(z.device)  # [N, d] z-layer output before any edit
 
         for j, t in enumerate(targets):
             if j > 0:  # keys (and routing) and z-layer outputs after the earlier layers were edited
                 with clock.phase("read_keys"):
                     readings = layers.read(model, tok, reqs, cfg, templates, targets[j:])
+            if keep:  # the retain prompts' keys on the same model, read like the forget keys
+                with clock.phase("read_keys"):
+                    kept = layers.read(model, tok, keep, cfg, templates, targets[j:])
             # Step 3 at this layer, on the model with the earlier layers already edited (as the reference):
             # the module output that yields the TRUE answer, δ at the module's output.
             with clock.phase("projectors"):
@@ -310,14 +353,21 @@ def unlearn(
                                                   layers.clean_output(readings, t), t.device)  # [d, r]
             resid = (z - readings.z_out.to(z.device)) / (m - j)  # [N, d] this layer's share of the way to z
             row0 = {"resid_norm_mean": float(resid.norm(dim=1).mean()), "basis_rank": float(basis.shape[1])}
+            norm = post_mlp_norm(model, cfg.locate.layer_module, t.layer)
+            if norm is not None:  # the block normalises the MLP's output: ask the module for what N turns into r
+                resid = to_module_space(norm, layers.clean_output(readings, t).to(resid.device), resid)
+                row0["resid_module_norm_mean"] = float(resid.norm(dim=1).mean())
             for p in layers.problems(t, readings, resid, stats, bias_in_r=gd_update is None):
+                K_r = retain_columns(kept, p) if kept is not None else None  # [d_in, M] or None
                 with clock.phase("solve"):
-                    factor, info = _solve(p, stats, basis, cfg, gd_update)
+                    factor, info = _solve(p, stats, basis, cfg, gd_update, K_r)
                 row = {**row0, **p.report, **orig_info}
                 _apply_and_record(edit, report, clock, p.key, p.target, factor, row, info, cfg, describe_key(p.key))
         with clock.phase("check"):
             after = layers.read(model, tok, reqs, cfg, templates, targets[-1:]).z_out.to(z.device)
         _check_gap(report, z, h0, after, cfg)
+        if keep:
+            report.targets["n_retain"] = float(len(keep))
         names = list(dict.fromkeys(k for row in report.layers.values() for k in row))
         for row in report.layers.values():  # one set of columns (an empty GD null space reports fewer)
             for k in names:

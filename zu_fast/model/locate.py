@@ -138,6 +138,19 @@ def offloaded_value(model: nn.Module, name: str) -> torch.Tensor | None:
         return None
 
 
+# Names of a norm applied to the MLP's output before it joins the residual stream ("sandwich" blocks: Gemma 2/3/4,
+# OLMo 2/3, EXAONE 4 call it post_feedforward_layernorm, GLM-4 post_mlp_layernorm). Llama's
+# post_attention_layernorm is the norm *before* the MLP and is not one of them.
+POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm", "post_ffn_layernorm", "post_feedforward_norm")
+
+
+def post_mlp_norm(model: nn.Module, layer_module_tmp: str, layer: int) -> nn.Module | None:
+    """The norm a decoder layer applies to its MLP's output before adding it to the residual stream, or None
+    (the MLP output is added as it is: pre-norm blocks, GPT-2, GPT-J, ...)."""
+    block = model.get_submodule(layer_module_tmp.format(layer))
+    return next((getattr(block, n) for n in POST_MLP_NORMS if isinstance(getattr(block, n, None), nn.Module)), None)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the input embeddings (where token ids must go; accelerate's execution device if offloaded)."""
     try:
