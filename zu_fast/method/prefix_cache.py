@@ -91,9 +91,9 @@ class PrefixKV:
         src = (slot - (p - split)[:, None]).clamp_min(0)  # [B, P] position in the full row; masked where < 0
         out = {}
         for i, (k, v) in self.kv.items():
-            idx = src.to(k.device)[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-            rows = sel.to(k.device)
-            out[i] = (k[rows].gather(2, idx), v[rows].gather(2, idx))
+            rows, at = sel.to(k.device), src.to(k.device)[:, None, :, None]
+            # keys and values may differ in heads and width (MLA)
+            out[i] = tuple(x[rows].gather(2, at.expand(-1, x.shape[1], -1, x.shape[3])) for x in (k, v))
         return out
 
     def fresh(self, model, prefix: dict[int, tuple[torch.Tensor, torch.Tensor]], batch: int, p: int):

@@ -435,8 +435,8 @@ class _Clean:
 
 def _clean_forward(model, cfg: UnlearnConfig, full: _Rows, n_req: int, outputs: list[str], subj_out: list[str],
                    subj_in: list[str], loss_name: str | None, kv_layers: range, kv_kwarg: str | None) -> _Clean:
-    """One forward of every prompt without δ, in length buckets (each padded to its own longest prompt), its
-    results put back in the prompts' order."""
+    """One forward of every prompt without δ, as one padded batch (it runs once; the steps are the ones that run
+    in length buckets)."""
     s, t_max = full.batch["input_ids"].shape
     res = _Clean({}, {}, {}, {}, {} if kv_kwarg else None, None, None)
 
@@ -449,7 +449,7 @@ def _clean_forward(model, cfg: UnlearnConfig, full: _Rows, n_req: int, outputs: 
         else:
             store[name][rows.to(value.device), :t] = value
 
-    for sel in full.bucket_rows(torch.ones(n_req, dtype=torch.bool), cfg.targets.length_buckets):
+    for sel in [torch.arange(s, device=full.seq_req.device)]:
         rows = full.take(sel)
         t = rows.batch["input_ids"].shape[1]
         cache = prefix_cache.new_cache(model) if kv_kwarg else None
@@ -632,7 +632,11 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         # Each step forwards the active requests' prompts in length buckets (less padding); converged
         # requests leave the batch (their prompts are no longer forwarded). With the prefix cache a prompt is
         # forwarded from its subject's last token on.
-        buckets = full.buckets(active, cfg.targets.length_buckets, prefix)
+        try:
+            buckets = full.buckets(active, cfg.targets.length_buckets, prefix)
+        except Exception:  # cached keys and values of a shape the suffix views cannot take: full prompts
+            prefix = None
+            buckets = full.buckets(active, cfg.targets.length_buckets)
 
         def forward(rows: _Rows, skip_below: bool) -> tuple[torch.Tensor, torch.Tensor]:
             def add_to(out: torch.Tensor) -> torch.Tensor:
