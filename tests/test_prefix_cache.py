@@ -138,3 +138,31 @@ def test_suffix_views_right_align_prefixes():
     assert out_k[0, 0, :, 0].tolist() == [10.0, 11.0, 12.0]  # row 2, positions 0..2
     assert out_k[1, 0, -1, 0].item() == 0.0  # row 0, position 0 in the last slot
     assert torch.equal(out_v, out_k[..., :3] * 10)
+
+
+@pytest.mark.parametrize("at_module", [False, True])
+def test_requests_done_at_delta_zero_take_no_step(at_module):
+    """At δ = 0 the first step's loss is the clean forward's: requests already below stop_loss are not forwarded
+    again, and when all are, the clean forward is the only one. The results are those of the path that runs
+    the first step (a warm start at 0 takes it)."""
+    model = build("llama").eval()
+    zero = torch.zeros(len(REQUESTS), model.config.hidden_size)
+    every = _cfg(model, v_early_stop_loss=1e3)  # every request is done at δ = 0
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a, k: calls.append(1), with_kwargs=True)
+    try:
+        res, n = _run(model, every, at_module=at_module)
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # the clean forward, nothing else (no step, no probe)
+    ran, n_ran = _run(model, every, at_module=at_module, init=zero)
+    assert res.steps.tolist() == [0, 0, 0] and float(res.delta.abs().max()) == 0.0
+    assert torch.allclose(res.final_loss, ran.final_loss, rtol=1e-5) and res.steps.tolist() == ran.steps.tolist()
+    assert n < n_ran  # the clean forward only
+    nll0 = res.final_loss.sort().values  # [3]
+    some = _cfg(model, v_early_stop_loss=float(nll0[:2].mean()))  # the lowest request is done at δ = 0
+    res, n = _run(model, some, at_module=at_module)
+    ran, n_ran = _run(model, some, at_module=at_module, init=zero)
+    assert int((res.steps == 0).sum()) == 1
+    _same(res, ran)
+    assert n < n_ran

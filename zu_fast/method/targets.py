@@ -382,12 +382,14 @@ def optimize_and_read(
 
 
 def _agree(nll: torch.Tensor, logp_kl: torch.Tensor, nll0: torch.Tensor, logp_kl0: torch.Tensor,
-           dtype: torch.dtype) -> bool:
-    """Whether a step at δ = 0 through the cached prefix reproduced the clean forward (round-off aside)."""
+           dtype: torch.dtype, rows: torch.Tensor) -> bool:
+    """Whether a step at δ = 0 through the cached prefix reproduced the clean forward (round-off aside) on the
+    requests ``rows``  # [n_req] bool that it forwarded."""
     tol = 1e-3 if dtype in (torch.float32, torch.float64) else 3e-2
-    nll0, logp_kl0 = nll0.to(nll.device), logp_kl0.to(logp_kl.device)
-    return bool(((nll.detach() - nll0).abs() <= tol * (1 + nll0.abs())).all()
-                and ((logp_kl.detach().exp() - logp_kl0.exp()).abs() <= tol).all())
+    nll0, logp_kl0 = nll0.to(nll.device)[rows.to(nll.device)], logp_kl0.to(logp_kl.device)[rows.to(logp_kl.device)]
+    nll, logp_kl = nll.detach()[rows.to(nll.device)], logp_kl.detach()[rows.to(logp_kl.device)]
+    return bool(((nll - nll0).abs() <= tol * (1 + nll0.abs())).all()
+                and ((logp_kl.exp() - logp_kl0.exp()).abs() <= tol).all())
 
 
 def _module_adds_to_layer_output(model, cfg: UnlearnConfig, batch: dict, layer: int, inject: str,
@@ -579,8 +581,14 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         # Where δ goes in a step: at the output of decoder layer `layer` (step 2; step 3 where the module's output
         # is a plain addition to it), the layers up to `layer` replaced by stand-ins; or, in step 3 otherwise, at
         # the module's output with the layers below `layer` replaced and `layer` itself running.
+        # At δ = 0 (no warm start, no offset) the first step's loss is the clean forward's NLL (the KL and the decay
+        # vanish): a request already below stop_loss there takes no step (as in the reference, which stops at its
+        # first step) and is not forwarded again; when none is left, no step runs at all.
+        done0 = torch.zeros(n_req, dtype=torch.bool, device=device)
+        if init is None and offset is None:
+            done0 = (clean.nll0 < cfg.targets.stop_loss).to(device)
         at_layer_out = not at_module
-        if at_module and skip_module_layer:
+        if at_module and skip_module_layer and not bool(done0.all()):
             with contextlib.suppress(Exception):  # a layer that cannot be probed this way runs every step
                 at_layer_out = _module_adds_to_layer_output(
                     model, cfg, batch, layer, inject, clean.full.get(below_name),
@@ -624,16 +632,20 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         else:  # the reference: one absolute learning rate in the units of the hidden state
             opt = torch.optim.Adam([delta], lr=cfg.targets.lr)
             row_lr = None
-        active = torch.ones(n_req, dtype=torch.bool, device=base.device)
+        active = ~done0.to(base.device)
         steps = torch.zeros(n_req, dtype=torch.long, device=base.device)
         init_loss = final_loss = final_nll = final_kl = None
+        if bool(done0.any()):  # the requests done at δ = 0: their first (and last) loss is the clean one
+            init_loss = nll0.detach().to(base.device).clone()
+            final_loss, final_nll = init_loss.clone(), init_loss.clone()
+            final_kl = torch.zeros_like(init_loss)
         kl_init = None  # [n_req, vocab]
         max_norm = max_norm.to(base.device)
         # Each step forwards the active requests' prompts in length buckets (less padding); converged
         # requests leave the batch (their prompts are no longer forwarded). With the prefix cache a prompt is
         # forwarded from its subject's last token on.
         try:
-            buckets = full.buckets(active, cfg.targets.length_buckets, prefix)
+            buckets = full.buckets(active, cfg.targets.length_buckets, prefix) if bool(active.any()) else []
         except Exception:  # cached keys and values of a shape the suffix views cannot take: full prompts
             prefix = None
             buckets = full.buckets(active, cfg.targets.length_buckets)
@@ -693,7 +705,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                 finally:
                     delta.copy_(keep)
                     use_shift[0] = shift is not None
-            return _agree(nll, logp_kl, nll0, logp_kl0, base.dtype)
+            return _agree(nll, logp_kl, nll0, logp_kl0, base.dtype, active)
 
         def first_losses() -> tuple[torch.Tensor, torch.Tensor]:
             """The first step's losses, checking that the cached prefix reproduces the clean forward; on a
@@ -706,7 +718,8 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
                     if prefix is not None and not at_zero and not cached_agrees():
                         raise _CacheMismatch
                     nll, logp_kl = losses(skip_below)
-                    if prefix is not None and at_zero and not _agree(nll, logp_kl, nll0, logp_kl0, base.dtype):
+                    if prefix is not None and at_zero and not _agree(nll, logp_kl, nll0, logp_kl0, base.dtype,
+                                                                                active):
                         raise _CacheMismatch
                     return nll, logp_kl
                 except ZuFastError:
@@ -725,13 +738,13 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         skip_below = True
         bar = tqdm(total=cfg.targets.steps, desc=f"zu_fast {desc}", disable=not progress, leave=False)
         try:
-            for it in range(cfg.targets.steps):
+            for it in range(cfg.targets.steps if bool(active.any()) else 0):
                 nll, logp_kl = first_losses() if it == 0 else losses(skip_below)
                 if kl_init is None and shift is not None:
                     # the KL term compares with the clean model (δ = 0): the clean forward's distribution
                     kl_init = logp_kl0.to(logp_kl.device)
                 if kl_init is None:
-                    kl_init = logp_kl.detach()  # the first step forwards every request
+                    kl_init = logp_kl.detach()  # the first step forwards every active request
                 kl = (logp_kl.exp() * (logp_kl - kl_init)).sum(-1)  # KL(current ‖ initial)   [n_req]
                 wd = cfg.targets.weight_decay * delta.norm(dim=1) / h_norm**2
                 loss = nll + cfg.targets.kl_factor * kl + wd  # [n_req]; meaningful on the active rows only
