@@ -1,7 +1,7 @@
 """Measure savings in steps 2 and 3 before adopting them (issue 25): what each changes in the edit, what it saves.
 
     OMP_NUM_THREADS=1 python benchmarks/step_savings.py --case tinylm [--world people|species] [--metrics]
-                                                        [--what warm,reuse,templates,orig]
+                                                        [--what warm,reuse,templates,orig] [--for-model]
 
 Every variant runs zu_fast's ``unlearn`` (closed form, the paper's settings, as ``vs_reference.py``) on the same
 statistics and is compared with the default run: the edit's work in token-layer evaluations (forward + backward,
@@ -13,7 +13,8 @@ efficacy / generalization / specificity / perplexity.
 - ``reuse``: no variant; the work of each optimisation's clean forward (the δ = 0 pass every optimisation starts
   with), i.e. the most that sharing step 2's forward rows and KL distribution with step 3 could save.
 - ``templates``: fewer context templates (the bare prompt and the first k of the other type).
-- ``orig``: ``original_representation="clean"`` (no step 3 optimisation) against ``"optimized"``.
+- ``orig``: ``original_representation="clean"`` (no step 3 optimisation) against ``"optimized"``;
+  ``--for-model`` runs only this comparison, on ``UnlearnConfig.for_model``'s defaults instead of the paper's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import vs_reference as vr  # noqa: E402
-from work_count import Work  # noqa: E402
+from work_count import Work, WorkCounter  # noqa: E402
 
 
 def world_case(world: str, n_texts: int, n_requests: int, layers=(1, 2, 3)) -> vr.Case:
@@ -116,6 +117,28 @@ def warm_run(case: vr.Case, stats) -> dict:
         un.original_basis = cold
 
 
+def for_model_run(case: vr.Case, stats, **overrides) -> dict:
+    """``unlearn`` with ``UnlearnConfig.for_model``'s defaults (what users get), in ``vs_reference``'s result form."""
+    import copy
+    import time
+
+    import zu_fast
+    from zu_fast.model import get_module
+
+    model = copy.deepcopy(case.model)
+    cfg = zu_fast.UnlearnConfig.for_model(model, progress=False, **overrides)
+    names = {layer: cfg.locate.rewrite_module.format(layer) for layer in cfg.layers}
+    before = {layer: get_module(model, n).weight.detach().clone() for layer, n in names.items()}
+    counter = WorkCounter(model, cfg.locate.layer_module, case.n_layers)
+    t0 = time.perf_counter()
+    with counter, counter.phase("edit"):
+        edit = zu_fast.unlearn(model, case.tok, case.requests, cfg, stats=stats, context_templates=case.templates)
+    return {"work": dict(counter.work), "edit": time.perf_counter() - t0, "report": edit.report.to_dict(),
+            "layers": {layer: {"W_before": before[layer].float(),
+                               "W_after": get_module(model, n).weight.detach().float().clone()}
+                       for layer, n in names.items()}}
+
+
 def reuse_table(case: vr.Case, stats) -> str:
     """Each optimisation's clean forward (δ = 0, full prompts, every layer) against the optimisation's work."""
     from zu_fast.method import targets
@@ -154,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=10)
     p.add_argument("--what", default="warm,reuse,templates,orig")
     p.add_argument("--metrics", action="store_true")
+    p.add_argument("--for-model", action="store_true",
+                   help="orig only: UnlearnConfig.for_model's defaults instead of the paper's settings")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
@@ -162,11 +187,23 @@ def main(argv=None) -> int:
     case = vr.golden_case(200) if args.case == "golden" else world_case(args.world, args.texts, args.requests)
     metrics = args.metrics and bool(case.records)
     cfg = vr.zu_config("closed_form", case.layers, case.n_layers)
+    if args.for_model:
+        cfg = zu_fast.UnlearnConfig.for_model(case.model, progress=False)
+        case = dataclasses.replace(case, layers=list(cfg.layers))
     stats = zu_fast.collect_stats(case.model, case.tok, case.texts, cfg, cache=False, progress=False)
     what = args.what.split(",")
     print(f"case {case.name}: {case.n_layers} layers, d {case.model.config.hidden_size}, {len(case.texts)} texts, "
           f"{len(case.requests)} requests, layers {case.layers}, templates {[len(g) for g in case.templates]}; "
           f"{vr.machine()}\n", flush=True)
+    if args.for_model:  # only the original representation's source, on the defaults users get
+        base = for_model_run(case, stats, original_representation="optimized")
+        clean = for_model_run(case, stats, original_representation="clean")
+        print(f"UnlearnConfig.for_model defaults (layers {case.layers}, method {cfg.method}, its own "
+              f"original_representation {cfg.representation.source!r})\n")
+        print("\n".join([header(metrics), row('original_representation="optimized"', base, base, case, metrics),
+                          row('original_representation="clean"', clean, base, case, metrics)]))
+        print(f"\nafter: {vr.machine()}")
+        return 0
     base = vr.run_zu_fast(case, "closed_form", stats=stats)
     lines = [header(metrics), row("default (optimized, cold start, all templates)", base, base, case, metrics)]
     if "warm" in what:
