@@ -24,6 +24,13 @@ up (inject_at_layer(skip_below=True)) and the LM head only at the positions the 
 forwards only the prompts of requests still running (a converged request's rows would get a zero
 gradient and be restored anyway), padded per length bucket rather than to the longest prompt of the
 chunk (``length_buckets``). Both change which rows share a padded batch, not any row's maths.
+
+The clean forward (δ = 0, every prompt, one padded batch) also keeps the keys and values of the layers that run
+in a step, so a step forwards each prompt only from δ's token on, the positions before it coming from that
+cache (``prefix_cache``; checked at the first step against the clean forward, full-length steps otherwise). In
+step 3, where the edited module's output is a plain addition to its layer's output (probed), δ is added to the
+layer's output and the layer itself is skipped too. A request whose clean loss is already below stop_loss takes
+no step (``benchmarks/results/perf_issue25.md`` measures the work each of these saves).
 """
 
 from __future__ import annotations
