@@ -18,7 +18,7 @@ from .errors import StaleStatsError, UnsafeEditError, ZuFastError  # noqa: E402
 from .method.unlearn import unlearn  # noqa: E402
 from .requests import UnlearnRequest  # noqa: E402
 from .stats.collect import CorpusStats, collect_stats  # noqa: E402
-from .unlearner import Unlearner  # noqa: E402,F401  (one-call editor: Unlearner(model, tok, cfg).forget(...))
+from .unlearner import Unlearner  # noqa: E402  (one-call editor: Unlearner(model, tok, cfg).forget(...))
 
 __all__ = [
     "CorpusStats",
@@ -27,6 +27,7 @@ __all__ = [
     "StaleStatsError",
     "UnlearnConfig",
     "UnlearnRequest",
+    "Unlearner",
     "UnsafeEditError",
     "ZuFastError",
     "__version__",

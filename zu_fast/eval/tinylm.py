@@ -69,8 +69,8 @@ class TinyLMConfig:
     num_heads: int = 4
     # d_ff = 6·d (Llama uses ~3.5·d). The edit acts on down_proj's d_ff-wide keys: at 384 the keys
     # of different people overlapped enough that forgetting 10 facts cost 3–7 neighbour prompts;
-    # at 768 the GD preset meets the acceptance on 16 of 16 record seeds, for +25% training time
-    # (benchmarks/RESULTS.md, "A wider MLP", 2026-11-24).
+    # at 768 the GD preset of the time met the acceptance on 16 of 16 record seeds, for +25% training time
+    # (benchmarks/results/history.md, "A wider MLP", 2026-11-24; today's preset, with the target retry: 15 of 16).
     intermediate_size: int = 768
     max_position_embeddings: int = 256
     steps: int = 400

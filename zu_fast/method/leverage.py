@@ -11,7 +11,7 @@ edit realises, between 0 (the corpus term wins) and 1 (the residual is written e
 Σ_j λμ_j / (1 + λμ_j) / N over M's eigenvalues μ_j: monotone in λ_fK, so one bisection over log λ
 finds the forget weight that gives a chosen mean leverage. The paper's λ_fK = 50 against λ_wK = 15000
 was tuned on 3–8B models; on a narrow model the same weights realise a fifth of the residual
-(benchmarks/RESULTS.md, "Why the closed form did not forget on the small model").
+(benchmarks/RESULTS.md, "The closed form on the small model: why it did not forget").
 """
 
 from __future__ import annotations
