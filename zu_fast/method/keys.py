@@ -50,29 +50,36 @@ class PromptBatch:
     weight: torch.Tensor  # [B] the prompt's weight in its request's two-level template average (0: extra bare)
 
 
+def template_weights(templates: Sequence[Sequence[str]]) -> list[float]:
+    """Each flat template's weight in its request's two-level average (1/(types · templates of its type)): the
+    reference's mean over the templates of each context type, then over the types."""
+    return [1.0 / (len(templates) * len(group)) for group in templates for _ in group]
+
+
 def subject_batches(tok, requests: Sequence[UnlearnRequest], templates: Sequence[Sequence[str]], batch_size: int,
                     device, fact_token: str = "subject_last") -> Iterator[PromptBatch]:
     """The prompts every reading runs: each request in every context template (``templates`` grouped by type),
     plus its bare prompt when no template is a bare "{}", in batches of ``batch_size``. A prompt's weight is
     1/(types · templates of its type), so averaging keys is the reference's two-level mean over templates,
-    then types, and a type with many templates does not dominate."""
-    flat = [(g, t) for g, group in enumerate(templates) for t in group]
-    n_groups = len(templates)
-    group_size = [len(group) for group in templates]
-    bare_j = next((j for j, (_, t) in enumerate(flat) if t == "{}"), None)
+    then types, and a type with many templates does not dominate. The prompts are batched by length (each
+    batch is padded to its own longest prompt; the readers add up per request, in any order)."""
+    flat = [t for group in templates for t in group]
+    weights = template_weights(templates)
+    bare_j = next((j for j, t in enumerate(flat) if t == "{}"), None)
     prompts = [(i, j) for i in range(len(requests)) for j in range(len(flat))]
     if bare_j is None:  # templates without a bare "{}": read it as an extra prompt (weight 0)
         bare_j = len(flat)
         prompts += [(i, bare_j) for i in range(len(requests))]
-    for b in range(0, len(prompts), batch_size):
-        chunk = prompts[b : b + batch_size]
-        tpls = [(flat[j][1] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in chunk]
-        ids, idx = key_positions(tok, tpls, [requests[i].subject for i, _ in chunk],
-                                 [requests[i].describe() for i, _ in chunk], fact_token)
+    tpls = [(flat[j] if j < len(flat) else "{}").format(requests[i].prompt) for i, j in prompts]
+    ids, idx = key_positions(tok, tpls, [requests[i].subject for i, _ in prompts],
+                             [requests[i].describe() for i, _ in prompts], fact_token)
+    order = sorted(range(len(prompts)), key=lambda k: len(ids[k]))
+    for b in range(0, len(order), batch_size):
+        chunk = order[b : b + batch_size]
         yield PromptBatch(
-            padded_batch(tok, ids, device), torch.tensor(idx), torch.tensor([i for i, _ in chunk]),
-            torch.tensor([j == bare_j for _, j in chunk]),
-            torch.tensor([1.0 / (n_groups * group_size[flat[j][0]]) if j < len(flat) else 0.0 for _, j in chunk]))
+            padded_batch(tok, [ids[k] for k in chunk], device), torch.tensor([idx[k] for k in chunk]),
+            torch.tensor([prompts[k][0] for k in chunk]), torch.tensor([prompts[k][1] == bare_j for k in chunk]),
+            torch.tensor([weights[prompts[k][1]] if prompts[k][1] < len(flat) else 0.0 for k in chunk]))
 
 
 @torch.no_grad()
