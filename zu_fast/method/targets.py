@@ -48,7 +48,6 @@ from ..config import UnlearnConfig
 from ..errors import ZuFastError
 from ..model import (
     Capture,
-    EditTarget,
     StopForward,
     forward_until,
     get_module,
@@ -59,7 +58,7 @@ from ..model import (
 )
 from ..requests import UnlearnRequest
 from . import prefix_cache
-from .keys import SubjectReadings, key_positions, template_weights
+from .keys import key_positions
 
 # Prompts are padded per length bucket (at most cfg.targets.length_buckets forwards per step); one more
 # bucket only if it saves at least this share of the padded tokens (the prompts of one request differ
@@ -334,58 +333,18 @@ def optimize_deltas(
     leave each row's maths as it is (the cached prefix, ``prefix_cache``; running the edited layer itself in step 3
     only where its module output does not reach the layer output as a plain addition); for measurements.
     """
-    return optimize_and_read(model, tok, requests, cfg, templates, layer, target_ids, at_module=at_module, desc=desc,
-                             progress=progress, init=init, suffix_cache=suffix_cache,
-                             skip_module_layer=skip_module_layer, offset=offset, free_basis=free_basis,
-                             position=position)[0]
-
-
-def optimize_and_read(
-    model,
-    tok,
-    requests: Sequence[UnlearnRequest],
-    cfg: UnlearnConfig,
-    templates: Sequence[Sequence[str]],
-    layer: int,
-    target_ids: Sequence[Sequence[int]],
-    *,
-    read: EditTarget | None = None,
-    at_module: bool = False,
-    desc: str = "targets",
-    progress: bool | None = None,
-    init: torch.Tensor | None = None,
-    suffix_cache: bool = True,
-    skip_module_layer: bool = True,
-    offset: torch.Tensor | None = None,
-    free_basis: torch.Tensor | None = None,
-    position: str | None = None,
-) -> tuple[DeltaResult, SubjectReadings | None]:
-    """``optimize_deltas``, and, when ``read`` names a dense edited layer, its reading taken from the same clean
-    forward: the keys (two-level template average), the bare prompts' module outputs and the z layer's outputs
-    at the key positions — what ``keys.read_at_subject`` reads for that layer (when ``position`` is
-    ``cfg.templates.fact_token``), without a forward of its own (the prompts are the same; the appended target
-    tokens come after the key position and, by causality, change nothing there). Needs the first context
-    template to be the bare "{}" (else the reading is None)."""
     progress = cfg.runtime.progress if progress is None else progress
     position = cfg.templates.fact_token if position is None else position
-    if read is not None and (not templates or not templates[0] or templates[0][0] != "{}"):
-        read = None
-    parts, reads = [], []
+    parts = []
     n_chunks = (len(requests) + cfg.targets.batch_size - 1) // cfg.targets.batch_size
     for c in range(n_chunks):
         sl = slice(c * cfg.targets.batch_size, (c + 1) * cfg.targets.batch_size)
         label = desc if n_chunks == 1 else f"{desc} [{c + 1}/{n_chunks}]"
-        res, rd = _optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl], label, progress,
-                                  at_module, None if init is None else init[sl], suffix_cache, skip_module_layer,
-                                  read, offset[sl] if offset is not None else None, free_basis, position)
-        parts.append(res)
-        reads.append(rd)
-    out = DeltaResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DeltaResult)))
-    if read is None:
-        return out, None
-    return out, SubjectReadings({read.layer: torch.cat([r.keys[read.layer] for r in reads])},
-                                {read.layer: torch.cat([r.bare_values[read.layer] for r in reads])},
-                                torch.cat([r.z_out for r in reads]))
+        parts.append(_optimize_chunk(model, tok, requests[sl], cfg, templates, layer, target_ids[sl], label,
+                                     progress, at_module, None if init is None else init[sl], suffix_cache,
+                                     skip_module_layer, offset[sl] if offset is not None else None, free_basis,
+                                     position))
+    return DeltaResult(*(torch.cat([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(DeltaResult)))
 
 
 def _agree(nll: torch.Tensor, logp_kl: torch.Tensor, nll0: torch.Tensor, logp_kl0: torch.Tensor,
@@ -435,78 +394,51 @@ class _Clean:
 
     full: dict[str, torch.Tensor]  # module → its output  [S, T, d] (right-padded like the prompts)
     tuple_len: dict[str, int]  # module → length of its output tuple (0: a bare tensor)
-    subj_out: dict[str, torch.Tensor]  # module → its output at each prompt's subject last token  [S, d]
-    subj_in: dict[str, torch.Tensor]  # module → its input there  [S, d_in]
+    subj_out: torch.Tensor  # the injected module's output at each prompt's key position  [S, d]
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None  # layer → (K, V)  [S, kv_heads, T, head_dim]
     nll0: torch.Tensor  # [n_req] mean target NLL
     logp_kl0: torch.Tensor  # [n_req, vocab] the KL prompts' log-probabilities
 
 
-def _clean_forward(model, cfg: UnlearnConfig, full: _Rows, n_req: int, outputs: list[str], subj_out: list[str],
-                   subj_in: list[str], loss_name: str | None, kv_layers: range, kv_kwarg: str | None) -> _Clean:
+def _clean_forward(model, cfg: UnlearnConfig, full: _Rows, n_req: int, outputs: list[str], inject: str,
+                   loss_name: str | None, kv_layers: range, kv_kwarg: str | None) -> _Clean:
     """One forward of every prompt without δ, as one padded batch (it runs once; the steps are the ones that run
     in length buckets)."""
-    s, t_max = full.batch["input_ids"].shape
-    res = _Clean({}, {}, {}, {}, {} if kv_kwarg else None, None, None)
-
-    def put(store: dict, name: str, value: torch.Tensor, rows: torch.Tensor, t: int | None) -> None:
-        if name not in store:
-            shape = (s, t_max, *value.shape[2:]) if t is not None else (s, *value.shape[1:])
-            store[name] = torch.zeros(shape, dtype=value.dtype, device=value.device)
-        if t is None:
-            store[name][rows.to(value.device)] = value
-        else:
-            store[name][rows.to(value.device), :t] = value
-
-    for sel in [torch.arange(s, device=full.seq_req.device)]:
-        rows = full.take(sel)
-        t = rows.batch["input_ids"].shape[1]
-        cache = prefix_cache.new_cache(model) if kv_kwarg else None
-        with torch.no_grad(), contextlib.ExitStack() as stack:
-            cap = stack.enter_context(Capture(model, inputs=subj_in, outputs=list(dict.fromkeys(outputs + subj_out))))
-            loss_out = stack.enter_context(_KeepOutput(model, loss_name)) if loss_name else None
-            head = stack.enter_context(_HeadInput(model, cfg.locate.lm_head))
-            extra = {kv_kwarg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
-            with contextlib.suppress(StopForward):
-                model(**rows.batch, **extra)
-            if head.hidden is None:
-                raise ZuFastError(f"LM head {cfg.locate.lm_head!r} was not called by the forward")
-            logp_t, logp_kl = _head_logprobs(model, cfg, head, loss_out, rows.tgt_seq, rows.tgt_pos, rows.kl_seq,
-                                             rows.kl_pos)
-        for name in outputs:
-            put(res.full, name, cap.outputs[name], sel, t)
-            res.tuple_len[name] = cap.output_tuple_len[name]
-        for store, captured, names in ((res.subj_out, cap.outputs, subj_out), (res.subj_in, cap.inputs, subj_in)):
-            for name in names:
-                x = captured[name]
-                put(store, name, x[rows.seq.to(x.device), rows.subj_pos.to(x.device)], sel, None)
-        if cache is not None:
-            for i in kv_layers:
-                k, v = prefix_cache.read_kv(cache, i)
-                if k.shape[2] != t:
-                    raise prefix_cache.CacheUnsupported(f"layer {i} cached {k.shape[2]} of {t} positions")
-                for j, x in enumerate((k, v)):
-                    key = (i, j)
-                    if key not in res.kv:
-                        res.kv[key] = torch.zeros(s, x.shape[1], t_max, x.shape[3], dtype=x.dtype, device=x.device)
-                    res.kv[key][sel.to(x.device), :, :t] = x
-        nll_tok = -logp_t.gather(1, rows.tgt_tok[:, None].to(logp_t.device)).squeeze(1)  # [P']
-        if res.nll0 is None:
-            res.nll0 = torch.zeros(n_req, device=logp_t.device)
-            res.logp_kl0 = torch.zeros(n_req, logp_kl.shape[1], device=logp_kl.device)
-        res.nll0.index_add_(0, rows.tgt_req.to(logp_t.device), nll_tok * rows.tgt_w.to(logp_t.device))
-        res.logp_kl0[rows.kl_req.to(logp_kl.device)] = logp_kl
-    if res.kv is not None:
-        res.kv = {i: (res.kv[(i, 0)], res.kv[(i, 1)]) for i in kv_layers}
-    return res
+    t = full.batch["input_ids"].shape[1]
+    cache = prefix_cache.new_cache(model) if kv_kwarg else None
+    with torch.no_grad(), contextlib.ExitStack() as stack:
+        cap = stack.enter_context(Capture(model, outputs=list(dict.fromkeys(outputs + [inject]))))
+        loss_out = stack.enter_context(_KeepOutput(model, loss_name)) if loss_name else None
+        head = stack.enter_context(_HeadInput(model, cfg.locate.lm_head))
+        extra = {kv_kwarg: cache, "use_cache": True} if cache is not None else {"use_cache": False}
+        with contextlib.suppress(StopForward):
+            model(**full.batch, **extra)
+        if head.hidden is None:
+            raise ZuFastError(f"LM head {cfg.locate.lm_head!r} was not called by the forward")
+        logp_t, logp_kl = _head_logprobs(model, cfg, head, loss_out, full.tgt_seq, full.tgt_pos, full.kl_seq,
+                                         full.kl_pos)
+    x = cap.outputs[inject]
+    kv = None
+    if cache is not None:
+        kv = {}
+        for i in kv_layers:
+            k, v = prefix_cache.read_kv(cache, i)
+            if k.shape[2] != t:
+                raise prefix_cache.CacheUnsupported(f"layer {i} cached {k.shape[2]} of {t} positions")
+            kv[i] = (k, v)
+    nll_tok = -logp_t.gather(1, full.tgt_tok[:, None].to(logp_t.device)).squeeze(1)  # [P']
+    nll0 = torch.zeros(n_req, device=logp_t.device)
+    nll0.index_add_(0, full.tgt_req.to(logp_t.device), nll_tok * full.tgt_w.to(logp_t.device))
+    logp_kl0 = torch.zeros(n_req, logp_kl.shape[1], device=logp_kl.device)
+    logp_kl0[full.kl_req.to(logp_kl.device)] = logp_kl
+    return _Clean({name: cap.outputs[name] for name in outputs}, {name: cap.output_tuple_len[name] for name in outputs},
+                  x[full.seq.to(x.device), full.subj_pos.to(x.device)], kv, nll0, logp_kl0)
 
 
 def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, target_ids, desc, progress,
                     at_module: bool = False, init: torch.Tensor | None = None, suffix_cache: bool = True,
-                    skip_module_layer: bool = True,
-                    read: EditTarget | None = None, offset: torch.Tensor | None = None,
-                    free_basis: torch.Tensor | None = None,
-                    position: str = "subject_last") -> tuple[DeltaResult, SubjectReadings | None]:
+                    skip_module_layer: bool = True, offset: torch.Tensor | None = None,
+                    free_basis: torch.Tensor | None = None, position: str = "subject_last") -> DeltaResult:
     device = model_device(model)
     flat = _flatten(templates)
     n_req, n_tpl = len(requests), len(flat)
@@ -559,30 +491,25 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
     no_base = torch.zeros(*batch["input_ids"].shape, 0, device=device)  # [S, T, 0] until the clean forward
     full = _Rows(batch, no_base, lengths, seq_req, subj_pos, tgt_seq, tgt_pos, tgt_tok, tgt_w, tgt_req, kl_seq,
                  kl_pos, torch.arange(n_req, device=device))
-    # what a reading of the edited module ``read`` takes from the clean forward (keys, bare value, z layer output)
-    read_name = read.name if read is not None else None
-    z_name = layer_tmp.format(cfg.z_layer)
 
     with frozen_params(model):
-        # ---- one clean forward of the full prompts (δ = 0), in length buckets: the clean outputs at and below the
-        # injection, the log-probabilities the first step must reproduce, the keys and values of the layers that
-        # run in a step (prefix_cache), and what a reading takes at the subjects' last tokens
+        # ---- one clean forward of the full prompts (δ = 0): the clean outputs at and below the injection, the
+        # log-probabilities the first step must reproduce, and the keys and values of the layers that run in a
+        # step (prefix_cache)
         kv_kwarg = None
         if suffix_cache:
             with contextlib.suppress(prefix_cache.CacheUnsupported):
                 kv_kwarg = prefix_cache.cache_kwarg(model)
         outputs = [layer_name] + ([below_name] if below_name else [])
-        subj_out = list(dict.fromkeys([inject] + ([read_name, z_name] if read is not None else [])))
-        subj_in = [read_name] if read is not None else []
         kv_from = layer if at_module else layer + 1
         clean = None
         if kv_kwarg is not None and kv_from < n_layers:
             with contextlib.suppress(Exception):  # a model that refuses the cache: the clean forward without it
-                clean = _clean_forward(model, cfg, full, n_req, outputs, subj_out, subj_in, loss_name,
-                                       range(kv_from, n_layers), kv_kwarg)
+                clean = _clean_forward(model, cfg, full, n_req, outputs, inject, loss_name, range(kv_from, n_layers),
+                                       kv_kwarg)
         if clean is None:
-            clean = _clean_forward(model, cfg, full, n_req, outputs, subj_out, subj_in, loss_name, range(0), None)
-        h_init = clean.subj_out[inject][bare].float()  # [n_req, d]
+            clean = _clean_forward(model, cfg, full, n_req, outputs, inject, loss_name, range(0), None)
+        h_init = clean.subj_out[bare].float()  # [n_req, d]
         h_norm = h_init.norm(dim=1).clamp_min(1e-12)  # [n_req]
         layer_out = clean.full[layer_name]  # [S, T, d]
         # Where δ goes in a step: at the output of decoder layer `layer` (step 2; step 3 where the module's output
@@ -599,7 +526,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
             with contextlib.suppress(Exception):  # a layer that cannot be probed this way runs every step
                 at_layer_out = _module_adds_to_layer_output(
                     model, cfg, batch, layer, inject, clean.full.get(below_name),
-                    clean.tuple_len.get(below_name, 0), layer_out, clean.subj_out[inject], subj_pos)
+                    clean.tuple_len.get(below_name, 0), layer_out, clean.subj_out, subj_pos)
         if at_layer_out:
             stand_in, base, tuple_len = layer, layer_out, clean.tuple_len[layer_name]
         elif below_name is not None:
@@ -612,13 +539,6 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         if clean.kv is not None:
             prefix = prefix_cache.PrefixKV({i: kv for i, kv in clean.kv.items() if i > stand_in}, n_layers, kv_kwarg)
         nll0, logp_kl0 = clean.nll0, clean.logp_kl0
-        readings = None
-        if read is not None:
-            w = torch.tensor(template_weights(templates), dtype=torch.float32)  # [n_tpl]
-            k = clean.subj_in[read_name][: n_req * n_tpl].float().cpu().view(n_req, n_tpl, -1)
-            readings = SubjectReadings({read.layer: (k * w[None, :, None]).sum(1).to(read.device)},
-                                       {read.layer: clean.subj_out[read_name][bare].float().to(read.device)},
-                                       clean.subj_out[z_name][bare].float().cpu())
         del clean, layer_out
 
         max_norm = cfg.targets.clamp * h_norm
@@ -791,7 +711,7 @@ def _optimize_chunk(model, tok, requests, cfg: UnlearnConfig, templates, layer, 
         raise ZuFastError("the target optimisation ran no step (v_num_grad_steps must be ≥ 1)")
     total = delta.detach() + shift if shift is not None else delta.detach()
     return DeltaResult(total, h_init, init_loss.cpu(), final_loss.cpu(), steps.cpu(), final_nll.cpu(),
-                       final_kl.cpu()), readings
+                       final_kl.cpu())
 
 
 class _CacheMismatch(Exception):
