@@ -7,6 +7,8 @@ people world's (``people`` = the known entities, whatever their kind).
 
 from __future__ import annotations
 
+import random
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 
@@ -61,3 +63,64 @@ class FactWorld(Protocol):
 
     def two_hop_base_rate(self, record: dict) -> float:
         """Chance rate of the record's two-hop answer (NaN without one)."""
+
+
+def assign_facts(rng: random.Random, n_entities: int, relations: Sequence[str], table: Mapping[str, dict],
+                 n_heldout: int) -> tuple[list[dict[str, str]], list[dict[str, list[int]]], list[dict[str, list[int]]]]:
+    """Each entity's answer per relation (drawn from ``table[relation]["objects"]``) and which of the relation's
+    templates it is trained with and held out with (the first ``n_heldout`` of a shuffle are held out): facts,
+    trained template indices, held-out template indices, one dict per entity."""
+    facts, train_t, held_t = [], [], []
+    for _ in range(n_entities):
+        f, tr, he = {}, {}, {}
+        for rel in relations:
+            f[rel] = rng.choice(table[rel]["objects"])
+            idx = list(range(len(table[rel]["templates"])))
+            rng.shuffle(idx)
+            he[rel] = sorted(idx[:n_heldout])
+            tr[rel] = sorted(idx[n_heldout:])
+        facts.append(f)
+        train_t.append(tr)
+        held_t.append(he)
+    return facts, train_t, held_t
+
+
+def forget_records(world: FactWorld, n: int, rng: random.Random, noun: str) -> list[dict]:
+    """n CounterFact-shaped forget records about n distinct entities of ``world`` (:meth:`FactWorld.records`).
+
+    ``prompt`` is one of the fact's trained templates; ``paraphrase_prompts`` its held-out templates filled with
+    the subject; ``neighborhood_prompts`` the same relation about other entities (preferably with the same answer,
+    as in CounterFact), never about one forgotten in the same call, in phrasings those entities were trained with.
+    ``case_id`` = entity · n_relations + relation index, stable across calls. ``noun`` names the entities in the
+    error message."""
+    names = world.people
+    n_known = len(names)
+    if not 0 < n <= n_known // 2:
+        raise ValueError(f"n must be in [1, {n_known // 2}] for a world of {n_known} {noun}, got {n}")
+    subjects = rng.sample(range(n_known), n)
+    forgotten = set(subjects)
+    out = []
+    for s in subjects:
+        ri = rng.randrange(len(world.relations))
+        rel = world.relations[ri]
+        templates = world.templates(rel)
+        obj = world.facts[s][rel]
+        same = [q for q in range(n_known) if q not in forgotten and world.facts[q][rel] == obj]
+        other = [q for q in range(n_known) if q not in forgotten and world.facts[q][rel] != obj]
+        rng.shuffle(same)
+        rng.shuffle(other)
+        neigh = (same + other)[: world.config.n_neighbors]
+        out.append({
+            "case_id": s * len(world.relations) + ri,
+            "prompt": templates[rng.choice(world.train_templates[s][rel])],
+            "subject": names[s],
+            "target_true": {"str": obj},
+            "relation": rel,
+            "paraphrase_prompts": [templates[t].format(names[s]) for t in world.heldout_templates[s][rel]],
+            "neighborhood_prompts": [
+                {"prompt": templates[rng.choice(world.train_templates[q][rel])].format(names[q]),
+                 "target": world.facts[q][rel]}
+                for q in neigh
+            ],
+        })
+    return out

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+from .fact_world import assign_facts, forget_records
+
 # ----------------------------------------------------------------------------------------------
 # Relations: templates (the answer follows the template's end) and plausible answers. Answers are
 # mostly two words, so they are several BPE tokens; a few one-word answers keep a mix.
@@ -329,45 +331,8 @@ class SpeciesWorld:
         return float("nan")
 
     def records(self, n: int, seed: int = 0) -> list[dict]:
-        """n CounterFact-shaped forget records about n distinct species (same keys as the people world's).
-
-        ``prompt`` is one of the fact's trained templates; ``paraphrase_prompts`` its held-out
-        templates filled with the subject; ``neighborhood_prompts`` the same relation about other
-        species (preferably with the same answer), never about a species forgotten in the same call,
-        in phrasings those species were trained with. ``case_id`` = species · n_relations + relation
-        index.
-        """
-        n_known = len(self.species)
-        if not 0 < n <= n_known // 2:
-            raise ValueError(f"n must be in [1, {n_known // 2}] for a world of {n_known} species, got {n}")
-        rng = random.Random(f"species-records-{self.config.seed}-{seed}")
-        subjects = rng.sample(range(n_known), n)
-        forgotten = set(subjects)
-        out = []
-        for s in subjects:
-            ri = rng.randrange(len(self.relations))
-            rel = self.relations[ri]
-            templates = self.templates(rel)
-            obj = self.facts[s][rel]
-            same = [q for q in range(n_known) if q not in forgotten and self.facts[q][rel] == obj]
-            other = [q for q in range(n_known) if q not in forgotten and self.facts[q][rel] != obj]
-            rng.shuffle(same)
-            rng.shuffle(other)
-            neigh = (same + other)[: self.config.n_neighbors]
-            out.append({
-                "case_id": s * len(self.relations) + ri,
-                "prompt": templates[rng.choice(self.train_templates[s][rel])],
-                "subject": self.species[s],
-                "target_true": {"str": obj},
-                "relation": rel,
-                "paraphrase_prompts": [templates[t].format(self.species[s]) for t in self.heldout_templates[s][rel]],
-                "neighborhood_prompts": [
-                    {"prompt": templates[rng.choice(self.train_templates[q][rel])].format(self.species[q]),
-                     "target": self.facts[q][rel]}
-                    for q in neigh
-                ],
-            })
-        return out
+        """n CounterFact-shaped forget records about n distinct species (:func:`fact_world.forget_records`)."""
+        return forget_records(self, n, random.Random(f"species-records-{self.config.seed}-{seed}"), "species")
 
 
 def make_species_world(config: SpeciesWorldConfig | None = None) -> SpeciesWorld:
@@ -384,18 +349,8 @@ def make_species_world(config: SpeciesWorldConfig | None = None) -> SpeciesWorld
     genera = _make_genera(rng, config.n_genera, reserved)
     epithets: set[str] = set()
     species = _make_binomials(rng, genera, config.n_species, epithets, reserved)
-    facts, train_t, held_t = [], [], []
-    for _ in species:
-        f, tr, he = {}, {}, {}
-        for rel in config.relations:
-            f[rel] = rng.choice(SPECIES_RELATIONS[rel]["objects"])
-            idx = list(range(len(SPECIES_RELATIONS[rel]["templates"])))
-            rng.shuffle(idx)
-            he[rel] = sorted(idx[: config.n_heldout_templates])
-            tr[rel] = sorted(idx[config.n_heldout_templates:])
-        facts.append(f)
-        train_t.append(tr)
-        held_t.append(he)
+    facts, train_t, held_t = assign_facts(rng, len(species), config.relations, SPECIES_RELATIONS,
+                                          config.n_heldout_templates)
     # Strangers: their own stream; same genera, epithets never a known species' epithet.
     srng = random.Random(f"species-strangers-{config.seed}")
     strangers = _make_binomials(srng, genera, config.n_strangers, epithets, reserved)

@@ -26,6 +26,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from .fact_world import assign_facts, forget_records
+
 # ----------------------------------------------------------------------------------------------
 # Relations: templates (the answer always follows the template's end) and plausible objects.
 # Objects are single words so that a small BPE tokenizer makes them one token (" Lisbon").
@@ -458,52 +460,8 @@ class World:
         return out
 
     def records(self, n: int, seed: int = 0) -> list[dict]:
-        """n CounterFact-shaped forget records about n distinct people.
-
-        ``prompt`` is one of the fact's *trained* templates (the edit prompt); ``paraphrase_prompts``
-        are the fact's held-out templates filled with the subject; ``neighborhood_prompts`` are
-        facts of the same relation about other people (preferably with the same object, as in
-        CounterFact), never about a subject forgotten in the same call, phrased with templates
-        those people were trained on. ``case_id`` = person * n_relations + relation index, so it
-        is stable across calls.
-        """
-        n_people = len(self.people)
-        if not 0 < n <= n_people // 2:
-            raise ValueError(f"n must be in [1, {n_people // 2}] for a world of {n_people} people, got {n}")
-        rng = random.Random(f"records-{self.config.seed}-{seed}")
-        subjects = rng.sample(range(n_people), n)
-        forgotten = set(subjects)
-        out = []
-        for p in subjects:
-            ri = rng.randrange(len(self.relations))
-            rel = self.relations[ri]
-            templates = RELATIONS[rel]["templates"]
-            obj = self.facts[p][rel]
-            same = [q for q in range(n_people) if q not in forgotten and self.facts[q][rel] == obj]
-            other = [q for q in range(n_people) if q not in forgotten and self.facts[q][rel] != obj]
-            rng.shuffle(same)
-            rng.shuffle(other)
-            neigh = (same + other)[: self.config.n_neighbors]
-            out.append(
-                {
-                    "case_id": p * len(self.relations) + ri,
-                    "prompt": templates[rng.choice(self.train_templates[p][rel])],
-                    "subject": self.people[p],
-                    "target_true": {"str": obj},
-                    "relation": rel,
-                    "paraphrase_prompts": [
-                        templates[t].format(self.people[p]) for t in self.heldout_templates[p][rel]
-                    ],
-                    "neighborhood_prompts": [
-                        {
-                            "prompt": templates[rng.choice(self.train_templates[q][rel])].format(self.people[q]),
-                            "target": self.facts[q][rel],
-                        }
-                        for q in neigh
-                    ],
-                }
-            )
-        return out
+        """n CounterFact-shaped forget records about n distinct people (:func:`fact_world.forget_records`)."""
+        return forget_records(self, n, random.Random(f"records-{self.config.seed}-{seed}"), "people")
 
 
 def make_world(config: WorldConfig | None = None) -> World:
@@ -517,18 +475,7 @@ def make_world(config: WorldConfig | None = None) -> World:
         raise ValueError("n_heldout_templates must leave at least two trained templates per fact")
     rng = random.Random(f"world-{config.seed}")
     people = _make_names(rng, config.n_people)
-    facts, train_t, held_t = [], [], []
-    for _ in people:
-        f, tr, he = {}, {}, {}
-        for rel in config.relations:
-            f[rel] = rng.choice(RELATIONS[rel]["objects"])
-            idx = list(range(len(RELATIONS[rel]["templates"])))
-            rng.shuffle(idx)
-            he[rel] = sorted(idx[: config.n_heldout_templates])
-            tr[rel] = sorted(idx[config.n_heldout_templates:])
-        facts.append(f)
-        train_t.append(tr)
-        held_t.append(he)
+    facts, train_t, held_t = assign_facts(rng, len(people), config.relations, RELATIONS, config.n_heldout_templates)
     # Filler: one stream, deduplicated; the first n_filler_train unique sentences train, the next
     # n_filler_heldout unique ones are held out (so no held-out sentence occurs in training).
     frng = random.Random(f"filler-{config.seed}")
