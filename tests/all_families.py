@@ -14,7 +14,6 @@ returns an outcome row (``outcome``: ``ok`` / ``refused`` / ``not built`` / ``er
 
 from __future__ import annotations
 
-import hashlib
 import time
 import traceback
 import warnings
@@ -160,15 +159,6 @@ def build(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model.float().eval()
 
 
-def param_hashes(model: torch.nn.Module) -> dict[str, str]:
-    """SHA-256 of the bytes of every parameter and buffer."""
-    out = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        out[name] = hashlib.sha256(raw.tobytes()).hexdigest()
-    return out
-
-
 TEMPLATES = [["{}"], ["Because. {}"]]
 FAST = dict(progress=False, v_num_grad_steps=2, original_representation="clean", stats_batch_tokens=512)
 
@@ -181,7 +171,7 @@ def run_family(model_type: str, *, method: str = "closed_form") -> dict[str, Any
     ``nothing_edited``), ``not built`` (no tiny random model of it can be built here: ``why``), or ``error``
     (anything else: a bug, ``why`` has the exception).
     """
-    from tiny_models import REQUESTS, corpus
+    from tiny_models import REQUESTS, corpus, param_hashes
 
     import zu_fast
 
@@ -251,4 +241,4 @@ def causal_families() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-__all__ = ["FAST", "TEMPLATES", "build", "causal_families", "param_hashes", "run_family", "tiny_config"]
+__all__ = ["FAST", "TEMPLATES", "build", "causal_families", "run_family", "tiny_config"]

@@ -13,22 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import REQUESTS, corpus, gpt2, llama
+from tiny_models import REQUESTS, corpus, gpt2, llama, param_hashes
 
 import zu_fast
 from zu_fast import Edit, StaleStatsError, UnlearnConfig, UnlearnRequest, ZuFastError
 from zu_fast.stats.collect import CorpusStats
 
 TEMPLATES = [["{}"], ["Because I. {}"]]
-
-
-def param_hashes(model: torch.nn.Module) -> dict[str, str]:
-    """SHA-256 of the bytes of every parameter and buffer."""
-    out = {}
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        out[name] = hashlib.sha256(raw.tobytes()).hexdigest()
-    return out
 
 
 def folder_hashes(path: Path) -> dict[str, str]:

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from all_families import param_hashes
-from tiny_models import REQUESTS, corpus, llama
+from tiny_models import REQUESTS, corpus, llama, param_hashes
 
 import zu_fast
 from zu_fast import Edit, UnlearnConfig, ZuFastError

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from all_families import param_hashes
-from tiny_models import corpus, llama
+from tiny_models import corpus, llama, param_hashes
 
 import zu_fast
 from zu_fast.stats import collect as collect_module

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from all_families import param_hashes
 from safetensors import SafetensorError
-from tiny_models import REQUESTS, corpus, llama
+from tiny_models import REQUESTS, corpus, llama, param_hashes
 
 import zu_fast
 from zu_fast import UnlearnConfig

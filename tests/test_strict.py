@@ -11,9 +11,8 @@ import importlib
 import warnings
 
 import pytest
-from all_families import param_hashes
 from family_models import build
-from tiny_models import REQUESTS, corpus, llama, tokenizer
+from tiny_models import REQUESTS, corpus, llama, param_hashes, tokenizer
 
 import zu_fast
 from zu_fast import UnlearnConfig, UnsafeEditError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -70,3 +71,12 @@ REQUESTS = [
     {"prompt": "{} works for", "subject": "Bob Kestrel", "target_true": {"str": "Acme"}},
     {"prompt": "The city where {} was born is", "subject": "Carla Dunmore", "target_true": "Oslo"},
 ]
+
+
+def param_hashes(model: torch.nn.Module) -> dict[str, str]:
+    """SHA-256 of the bytes of every parameter and buffer."""
+    out = {}
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        out[name] = hashlib.sha256(raw.tobytes()).hexdigest()
+    return out
