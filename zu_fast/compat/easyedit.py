@@ -80,6 +80,7 @@ import torch
 # the public API (zu_fast/__init__.py is initialised before any subpackage, and never imports compat)
 from .. import CorpusStats, Edit, StaleStatsError, UnlearnConfig, UnlearnRequest, ZuFastError, collect_stats, edits
 from .. import unlearn as zu_unlearn
+from ..config.unlearn_config import parse_config_text
 from ..model import get_module, tensor_fingerprint
 from ..requests import check_lengths, max_positions, normalize_requests
 from ..stats.store import check_stats_for_model
@@ -245,20 +246,7 @@ class ZeroUnlearnHyperParams:
             shipped = ", ".join(sorted(_shipped_names()))
             raise ZuFastError(f"cannot read hparams file {str(path)!r}: {e.strerror or e} (shipped: "
                               f"hparams_path(name) for {shipped})") from None
-        if path.suffix == ".json":
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ZuFastError(f"{path}: not valid JSON ({e})") from None
-        else:
-            try:
-                import yaml
-            except ImportError as e:  # pragma: no cover - depends on the environment
-                raise ZuFastError("reading YAML hparams needs pyyaml: pip install pyyaml") from e
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise ZuFastError(f"{path}: not valid YAML ({e})") from None
+        data = parse_config_text(path, text, "hparams")  # the suffix is .yaml, .yml or .json here
         return cls.from_dict(data if data is not None else {}, source=str(path))
 
     from_json = from_hparams  # EasyEdit's HyperParams.from_json; the suffix decides the format

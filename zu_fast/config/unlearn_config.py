@@ -197,20 +197,7 @@ class UnlearnConfig:
             text = path.read_text()
         except OSError as e:
             raise ZuFastError(f"cannot read config file {str(path)!r}: {e.strerror or e}") from None
-        if path.suffix in (".yaml", ".yml"):
-            try:
-                import yaml
-            except ImportError as e:  # pragma: no cover - depends on the environment
-                raise ZuFastError("reading YAML configs needs pyyaml: pip install pyyaml") from e
-            try:
-                data = yaml.safe_load(text)
-            except yaml.YAMLError as e:
-                raise ZuFastError(f"{path}: not valid YAML ({e})") from None
-        else:
-            try:
-                data = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ZuFastError(f"{path}: not valid JSON ({e})") from None
+        data = parse_config_text(path, text, "configs")
         if not isinstance(data, dict):
             raise ZuFastError(f"{path}: expected a mapping of config keys")
         if path.parent.name in REFERENCE_GD_DIRS and "method" not in data and "method" not in overrides:
@@ -280,6 +267,25 @@ class UnlearnConfig:
         """Names of the shipped presets → their one-line descriptions."""
         return {p.stem: _presets.load_preset(p.stem).get("description", "")
                 for p in sorted(_presets.PRESETS_DIR.glob("*.json"))}
+
+
+def parse_config_text(path: Path, text: str, what: str) -> Any:
+    """The contents of a config file read from ``path``: YAML for ``.yaml``/``.yml``, else JSON; a
+    ``ZuFastError`` naming the file when it does not parse (``what`` names the kind of file in the message
+    when pyyaml is missing)."""
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ZuFastError(f"reading YAML {what} needs pyyaml: pip install pyyaml") from e
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ZuFastError(f"{path}: not valid YAML ({e})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ZuFastError(f"{path}: not valid JSON ({e})") from None
 
 
 def _with_flat_names(message: str) -> str:
