@@ -15,7 +15,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["to_module_space"]
+__all__ = ["through_norm", "to_module_space"]
+
+
+@torch.no_grad()
+def through_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in float64 on x's device, run in the norm's own dtype and device."""
+    dev = next((p.device for p in norm.parameters()), x.device)
+    dtype = next((p.dtype for p in norm.parameters()), torch.float32)
+    return norm(x.to(dev, dtype)).to(x.device, torch.float64)
 
 
 @torch.no_grad()
@@ -29,11 +37,10 @@ def to_module_space(norm: nn.Module | None, o: torch.Tensor, r: torch.Tensor, it
     if norm is None:
         return r
     dev = next((p.device for p in norm.parameters()), o.device)
-    dtype = next((p.dtype for p in norm.parameters()), torch.float32)
     o64, r64 = o.to(dev, torch.float64), r.to(dev, torch.float64)  # [N, d]
 
     def apply(x: torch.Tensor) -> torch.Tensor:
-        return norm(x.to(dtype)).to(torch.float64)
+        return through_norm(norm, x)
 
     d = o64.shape[1]
     gain = apply(torch.ones(1, d, dtype=torch.float64, device=dev))[0]  # g (ρ(1) = 1 up to ε)

@@ -23,7 +23,7 @@ from .closed_form import multiplier, narrow_multiplier
 from .components import ComponentProblem, DenseLayers, LayerStrategy
 from .moe import MoELayers
 from .projector import representation_basis
-from .residual import to_module_space
+from .residual import through_norm, to_module_space
 from .retain import check_retain, retain_columns, retain_prompts
 from .safety import check_gap as _safety_check_gap
 from .safety import check_residual_stream, check_weight_change, enforce_strict
@@ -82,13 +82,7 @@ def orthogonal_start(clean: torch.Tensor, cfg: UnlearnConfig, norm=None) -> tupl
     o = clean.detach().to(torch.float64)  # [N, d]
     U = representation_basis(o.t(), cfg.representation.basis_rtol)  # [d, r]
     kept = o - (o @ U) @ U.t()  # [N, d]
-    if norm is None:
-        offset = kept - o
-    else:
-        with torch.no_grad():
-            dt = next((p.dtype for p in norm.parameters()), torch.float32)
-            dev = next((p.device for p in norm.parameters()), o.device)
-            offset = (norm(kept.to(dev, dt)) - norm(o.to(dev, dt))).to(torch.float64).cpu()
+    offset = kept - o if norm is None else through_norm(norm, kept) - through_norm(norm, o)  # [N, d]
     return offset.float(), U.float()
 
 
